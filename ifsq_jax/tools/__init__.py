@@ -1,0 +1,1 @@
+"""Command-line tools (python -m ifsq_jax.tools.<name>)."""

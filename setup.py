@@ -1,0 +1,35 @@
+"""ifsq_jax: iFSQ tokenizer and generators in JAX / Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="ifsq_jax",
+    version="0.1.0",
+    description="iFSQ (Improving FSQ for Image Generation with 1 Line of Code) in JAX / Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["ifsq_jax", "ifsq_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "ml-collections>=1.1.0",
+        "einops>=0.8.0",
+        "clu>=0.0.12",
+        "numpy>=2.0",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            # Comparison peers. Never add torchvision or timm: their wheels need CUDA torch.
+            "torch==2.13.0",
+            "vector-quantize-pytorch>=1.20",
+        ],
+    },
+)
