@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ifsq_jax.quantizers import stats
+
 Activation = Union[str, Callable[[jax.Array], jax.Array]]
 
 BOUNDS = ("ifsq", "tanh")
@@ -399,7 +401,6 @@ class FSQ:
 
   def codebook_stats(self, codes: jax.Array) -> dict[str, jax.Array]:
     """Usage statistics of a batch of codes; see :func:`ifsq_jax.quantizers.stats.fsq_stats`."""
-    from ifsq_jax.quantizers import stats  # pylint: disable=g-import-not-at-top
     return stats.fsq_stats(self, codes)
 
 
