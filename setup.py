@@ -20,7 +20,16 @@ setuptools.setup(
         "einops>=0.8.0",
         "clu>=0.0.12",
         "numpy>=2.0",
+        "scipy>=1.11",
         "matplotlib>=3.8",
+        "pillow>=10",
+        "etils[epath]>=1.5",
+        "absl-py>=2.0",
+        # clu's TensorBoard writer and tfds.load need TensorFlow (the CPU build is enough everywhere).
+        "tensorflow-cpu>=2.16",
+        "tensorboard>=2.16",
+        # The embedded default dataset: photos bundled with scikit-image.
+        "scikit-image>=0.22",
     ],
     extras_require={
         "test": [

@@ -1,0 +1,183 @@
+"""Shared configuration: the fields every task has, and validation before any compile.
+
+A config file in ``configs/`` is a runnable recipe: ``get_config(arg=None)`` starts
+from :func:`base_config` (plus its task's fields) and returns an
+``ml_collections.ConfigDict``. ``main`` validates it against the task's schema,
+the task's own ``default_config()``, so a misspelled key, a wrong type, a batch
+that does not divide over the devices or a mesh that does not match them is one
+clear error before anything is compiled.
+
+Contract fields: ``task``, ``seed``, ``train.num_steps``, ``train.log_every``,
+``checkpoint.every``, ``data.name``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+import ml_collections
+
+from ifsq_jax import parallel
+
+DATASETS = ("embedded", "image_folder", "tfds")
+SCHEDULES = ("constant", "warmup_cosine")
+DECAY_MASKS = ("all", "matrices")
+
+
+class ConfigError(ValueError):
+  """An invalid configuration; the message names the key and what is valid."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The fields shared by every task, with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.task = ""
+  c.seed = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = parallel.DEFAULT_RULES
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.global_batch_size = 16
+  c.train.grad_accum_steps = 1  # micro-batches per step; the global batch is split among them
+  c.train.log_every = 10
+  c.train.eval_every = 0  # 0: only at the end
+  c.train.image_every = 0  # 0: only at the end
+  c.train.ema_decay = 0.999
+  c.train.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
+  c.train.compute_dtype = "float32"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.decay_mask = "all"  # "all" parameters, or only "matrices" (ndim >= 2)
+  c.optimizer.grad_clip_norm = 1.0  # 0: no clipping
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.min_lr_ratio = 0.0  # final lr / peak lr of the cosine schedule
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+  c.checkpoint.init_from = ""  # a checkpoint directory to take parameters from (fine-tuning)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "embedded"  # "embedded" | "image_folder" | "tfds"
+  c.data.tfds_name = "imagenet2012"
+  c.data.path = ""  # image folder root (one subfolder per class)
+  c.data.data_dir = ""  # tfds data_dir
+  c.data.manual_dir = ""  # tfds manual_dir (e.g. the ImageNet tar files)
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.image_size = 32
+  c.data.transform = "resize_crop_flip"  # see ifsq_jax.data.transforms.TRANSFORMS
+  c.data.eval_examples = 64
+  return c
+
+
+def _type_name(value: Any) -> str:
+  return type(value).__name__
+
+
+def _compatible(value: Any, default: Any) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, int):
+    return isinstance(value, int)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  if default is None or value is None:
+    return True
+  return isinstance(value, type(default))
+
+
+def check_against_schema(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+                         prefix: str = "config") -> None:
+  """Raises ConfigError for a key the schema lacks or a value of the wrong type."""
+  for key in config.keys():
+    name = f"{prefix}.{key}"
+    if key not in schema:
+      near = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      hint = f" Did you mean {prefix}.{near[0]}?" if near else ""
+      raise ConfigError(f"Unknown key {name}.{hint} Valid keys here: {', '.join(sorted(schema.keys()))}.")
+    value, default = config[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"{name} must be a group of fields ({', '.join(sorted(default.keys()))}), "
+                          f"got {_type_name(value)} {value!r}.")
+      check_against_schema(value, default, name)
+    elif not _compatible(value, default):
+      raise ConfigError(f"{name} must be of type {_type_name(default)} (like its default {default!r}), "
+                        f"got {_type_name(value)} {value!r}.")
+
+
+def _require(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+             device_count: int, process_count: int = 1) -> None:
+  """Checks a config before any compile; raises one ConfigError naming the key.
+
+  Args:
+    config: The run's config.
+    schema: The task's ``default_config()`` (all valid keys with their types).
+    device_count: Global number of devices.
+    process_count: Number of processes (hosts).
+  """
+  check_against_schema(config, schema)
+  t, o, d, m = config.train, config.optimizer, config.data, config.mesh
+  for key in ("num_steps", "global_batch_size", "grad_accum_steps", "log_every"):
+    _require(t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1.")
+  for key in ("eval_every", "image_every"):
+    _require(t[key] >= 0, f"config.train.{key}={t[key]} must be >= 0 (0: only at the end).")
+  _require(t.max_nonfinite_steps >= 1, f"config.train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 1.")
+  _require(0.0 <= t.ema_decay < 1.0, f"config.train.ema_decay={t.ema_decay} must be in [0, 1).")
+  _require(t.compute_dtype in ("float32", "bfloat16"),
+           f"config.train.compute_dtype={t.compute_dtype!r} must be 'float32' or 'bfloat16'.")
+  _require(config.checkpoint.every >= 1, f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
+  _require(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1.")
+  _require(o.lr > 0, f"config.optimizer.lr={o.lr} must be > 0.")
+  _require(o.schedule in SCHEDULES, f"config.optimizer.schedule={o.schedule!r} must be one of {SCHEDULES}.")
+  _require(o.decay_mask in DECAY_MASKS, f"config.optimizer.decay_mask={o.decay_mask!r} must be one of {DECAY_MASKS}.")
+  _require(o.grad_clip_norm >= 0, f"config.optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0: off).")
+  _require(d.name in DATASETS, f"config.data.name={d.name!r} is not a known dataset; use one of {DATASETS}.")
+  _require(d.image_size >= 8, f"config.data.image_size={d.image_size} must be >= 8.")
+
+  try:
+    shape = parallel.mesh_shape(m.data, m.fsdp, m.tensor, device_count)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  batch_devices = shape["data"] * shape["fsdp"]
+  _require(t.global_batch_size % t.grad_accum_steps == 0,
+           f"config.train.global_batch_size={t.global_batch_size} must divide into "
+           f"config.train.grad_accum_steps={t.grad_accum_steps} micro-batches.")
+  micro = t.global_batch_size // t.grad_accum_steps
+  _require(micro % batch_devices == 0,
+           f"config.train.global_batch_size={t.global_batch_size} (micro-batch {micro}) does not divide over the "
+           f"{batch_devices} devices of the mesh's data x fsdp axes {shape}; use a multiple of {batch_devices}.")
+  _require(t.global_batch_size % process_count == 0,
+           f"config.train.global_batch_size={t.global_batch_size} does not divide over {process_count} processes.")
+  try:
+    parallel.parse_rules(m.rules)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh.rules: {e}") from None
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON (tuples become lists)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+

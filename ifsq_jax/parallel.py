@@ -1,0 +1,141 @@
+"""Device mesh, logical axis names and shardings (pjit semantics through ``jax.jit``).
+
+The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data
+parallelism with parameters, gradients and optimizer state sharded) and
+``tensor`` (tensor parallelism). Parameters carry logical axis names
+(``nn.with_logical_partitioning``); rules map them to mesh axes. A dimension that
+does not divide over its mesh axes is replicated rather than rejected, so one
+rule set serves 1 CPU, 8 simulated devices and a pod.
+
+Batches are sharded over ``('data', 'fsdp')`` on their leading axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis names, used by the models (never scattered strings).
+BATCH = "batch"
+EMBED = "embed"  # model width: sharded over fsdp
+MLP = "mlp"  # hidden width of MLPs: tensor parallel
+HEADS = "heads"
+KV = "kv"
+VOCAB = "vocab"
+CONV_IN = "conv_in"  # input channels of a conv kernel
+CONV_OUT = "conv_out"  # output channels of a conv kernel
+NORM = "norm"  # scales and biases
+SPATIAL = "spatial"  # kernel height / width
+
+# (logical name, mesh axes or None). Tuples, so that configs can hold them.
+DEFAULT_RULES = (
+    (BATCH, BATCH_AXES),
+    (EMBED, "fsdp"),
+    (MLP, "tensor"),
+    (HEADS, "tensor"),
+    (KV, None),
+    (VOCAB, "tensor"),
+    (CONV_IN, None),
+    (CONV_OUT, "fsdp"),
+    (NORM, None),
+    (SPATIAL, None),
+)
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> dict[str, int]:
+  """Resolves the mesh axis sizes; one of them may be -1 (all remaining devices)."""
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  free = [k for k, v in sizes.items() if v == -1]
+  bad = [k for k, v in sizes.items() if v != -1 and v < 1]
+  if bad or len(free) > 1:
+    raise ValueError(f"mesh {sizes}: each of config.mesh.data/fsdp/tensor must be >= 1, and at most one may be -1.")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if device_count % fixed:
+      raise ValueError(f"mesh {sizes} needs a multiple of {fixed} devices to fill config.mesh.{free[0]}=-1; "
+                       f"there are {device_count}.")
+    sizes[free[0]] = device_count // fixed
+  if math.prod(sizes.values()) != device_count:
+    raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} devices but there are {device_count}; "
+                     "make data * fsdp * tensor equal the device count or set one axis to -1.")
+  return sizes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with explicit ``AxisType.Auto`` axes."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(data, fsdp, tensor, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def parse_rules(rules: Sequence[Sequence[Any]]) -> dict[str, tuple[str, ...]]:
+  """Config rules -> {logical name: tuple of mesh axes}; a ValueError names a bad rule."""
+  out = {}
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"rule {rule!r} must be a pair (logical name, mesh axis | tuple of axes | None).")
+    name, axes = rule
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"rule {rule!r} names mesh axes {unknown}; valid axes are {MESH_AXES}.")
+    out[name] = axes
+  return out
+
+
+def _mesh_spec(logical: P, shape: tuple[int, ...], mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> P:
+  """Logical spec -> mesh spec; each mesh axis used once, uneven dimensions replicated."""
+  used: set[str] = set()
+  out = []
+  for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+    axes = tuple(a for a in rules.get(name, ()) if a not in used and mesh.shape[a] > 1) if name else ()
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or dim % size:
+      out.append(None)
+      continue
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def logical_shardings(boxed_abstract: Any, mesh: Mesh, rules: Sequence[Sequence[Any]]) -> Any:
+  """NamedShardings for every leaf of an abstract (``jax.eval_shape``) pytree.
+
+  Args:
+    boxed_abstract: Abstract tree whose parameters may be boxed with logical
+      names (``nn.LogicallyPartitioned``); other leaves are replicated.
+    mesh: The device mesh.
+    rules: Logical-to-mesh rules (``config.mesh.rules``).
+
+  Returns:
+    A tree of ``NamedSharding`` with the structure of ``nn.meta.unbox(boxed_abstract)``.
+  """
+  parsed = parse_rules(rules)
+  specs = nn.get_partition_spec(boxed_abstract)
+  abstract = nn.meta.unbox(boxed_abstract)
+  return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _mesh_spec(spec, leaf.shape, mesh, parsed)),
+                      specs, abstract, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading axis over (data, fsdp); the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's slice of a batch -> global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}

@@ -1,0 +1,1 @@
+"""Training: the shared loop, train state and optimizers, metric writers, and the task trainers."""

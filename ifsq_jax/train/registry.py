@@ -1,0 +1,19 @@
+"""Tasks by name: each is a module with ``default_config()`` and ``train_and_evaluate(config, workdir)``."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+from ifsq_jax import config_lib
+
+TASKS = {
+    "toy": "ifsq_jax.train.toy",
+}
+
+
+def get(task: str) -> types.ModuleType:
+  """The task's module; a ConfigError lists the valid task names."""
+  if task not in TASKS:
+    raise config_lib.ConfigError(f"config.task={task!r} is not a known task; use one of {sorted(TASKS)}.")
+  return importlib.import_module(TASKS[task])
