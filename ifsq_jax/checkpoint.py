@@ -140,7 +140,7 @@ def restore_params(path: epath.PathLike, abstract_params: Any, key: str = "param
   Args:
     path: A work dir, its ``checkpoints`` dir or a step dir.
     abstract_params: Tree of ``jax.ShapeDtypeStruct`` (with shardings) the
-      field must match.
+      field must match, or None to read it as saved onto the default device.
     key: The field of the saved state.
   """
   step_dir = resolve_checkpoint(path)
@@ -149,6 +149,7 @@ def restore_params(path: epath.PathLike, abstract_params: Any, key: str = "param
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), v) for k, v in tree.items()}
-    target[key] = abstract_params
+    if abstract_params is not None:
+      target[key] = abstract_params
     restored = ckptr.restore(step_dir / "state", target)
   return restored[key]

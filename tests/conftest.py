@@ -20,3 +20,53 @@ def fsq_golden():
 
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOY_CONFIG = REPO / "configs" / "toy.py"
+
+
+def toy_config(**overrides):
+  """The toy task's config, small and fast, with dotted-key overrides."""
+  from ifsq_jax.train import toy  # pylint: disable=g-import-not-at-top
+  c = toy.default_config()
+  c.train.num_steps = 6
+  c.train.global_batch_size = 16
+  c.train.log_every = 1
+  c.checkpoint.every = 3
+  c.checkpoint.async_save = False
+  c.data.image_size = 16
+  c.data.eval_examples = 8
+  c.model.width = 16
+  c.model.mlp_width = 64
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def read_metrics(workdir):
+  """metrics.jsonl as {step: record} for training records (those with a loss)."""
+  import json  # pylint: disable=g-import-not-at-top
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if "loss" in rec:
+      out[rec["step"]] = rec
+  return out
+
+
+def main_command(workdir, *flags):
+  import sys  # pylint: disable=g-import-not-at-top
+  return [sys.executable, "-m", "ifsq_jax.main", f"--config={TOY_CONFIG}", f"--workdir={workdir}", *flags]
+
+
+def subprocess_env(devices=8):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  return env

@@ -126,7 +126,7 @@ def _jit_step(fn: StepFn, shardings: Any, mesh) -> Callable:
 
 
 def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: epath.PathLike,
-        schema: ml_collections.ConfigDict | None = None) -> state_lib.TrainState:
+        schema: ml_collections.ConfigDict | None = None, devices: list | None = None) -> state_lib.TrainState:
   """Trains ``config.train.num_steps`` steps in ``workdir`` (resuming if it holds checkpoints).
 
   Args:
@@ -134,16 +134,18 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
     config: The run's config.
     workdir: Where config.json, metrics.jsonl, checkpoints/, tensorboard/ and images/ go.
     schema: The task's default config to validate against (default: no key check).
+    devices: Devices of the mesh (default: all of them).
 
   Returns:
     The final train state.
   """
   workdir = epath.Path(workdir)
-  config_lib.validate(config, schema if schema is not None else config, jax.device_count(), jax.process_count())
+  devices = list(jax.devices() if devices is None else devices)
+  config_lib.validate(config, schema if schema is not None else config, len(devices), jax.process_count())
   workdir.mkdir(parents=True, exist_ok=True)
   _write_config(workdir, config)
   m = config.mesh
-  mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor)
+  mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor, devices)
   logging.info("Process %d of %d; %d local / %d global devices; mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
   trainer = trainer_cls(config, mesh)

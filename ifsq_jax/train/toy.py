@@ -81,6 +81,7 @@ class ToyTrainer(loop.Trainer):
     self.tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
     self._eval = pipeline_lib.build_pipeline(config, config.data.eval_split, train=False,
                                              batch_size=config.data.eval_examples)
+    self._reconstruct = jax.jit(lambda params, images: self.model.apply({"params": params}, images)[0])
 
   def init_state(self, rng):
     s = self.config.data.image_size
@@ -100,23 +101,21 @@ class ToyTrainer(loop.Trainer):
       rng = jax.random.fold_in(key, state.step)
       loss, aux, grads = state_lib.accumulate_gradients(self.loss_fn, state.params, batch, rng, t.grad_accum_steps)
       new = state_lib.apply_gradients(state, grads, self.tx, t.ema_decay)
-      return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+      return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     return {"train": step}
 
-  def _reconstruct(self, params, images):
-    return self.model.apply({"params": params}, images)[0]
-
   def evaluate(self, state, step):
     batch = self._eval.batch(0)
-    recon = np.asarray(jax.jit(self._reconstruct)(state.ema_params, batch["image"]))
+    recon = np.asarray(self._reconstruct(state.ema_params, batch["image"]))
     mse = np.mean(((np.clip(recon, -1, 1) - batch["image"]) / 2.0) ** 2)
     return {"psnr_ema": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
 
   def image_rows(self, state):
     images = self._eval.batch(0)["image"][:8]
-    return [images, np.asarray(jax.jit(self._reconstruct)(state.ema_params, images))]
+    return [images, np.asarray(self._reconstruct(state.ema_params, images))]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
-  return loop.run(ToyTrainer, config, workdir, schema=default_config())
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None
+                       ) -> state_lib.TrainState:
+  return loop.run(ToyTrainer, config, workdir, schema=default_config(), devices=devices)
