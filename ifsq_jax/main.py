@@ -17,7 +17,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ifsq_jax import config_lib
+from ifsq_jax import config_lib, data
 from ifsq_jax.train import registry
 
 FLAGS = flags.FLAGS
@@ -67,7 +67,10 @@ def main(argv):
     config_lib.validate(config, task.default_config(), jax.device_count(), jax.process_count())
   except config_lib.ConfigError as e:
     sys.exit(f"Invalid config: {e}")
-  task.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    task.train_and_evaluate(config, FLAGS.workdir)
+  except data.DataError as e:
+    sys.exit(f"Data error: {e}")
 
 
 def run():

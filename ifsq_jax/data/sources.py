@@ -173,8 +173,8 @@ class TfdsSource:
       raise DataError(f"tfds dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
     self._source = builder.as_data_source(split=split)
     self.name = f"tfds:{name}:{split}"
-    label = builder.info.features.get("label") if hasattr(builder.info.features, "get") else None
-    self.num_classes = getattr(label, "num_classes", 0) or 0
+    features = builder.info.features
+    self.num_classes = getattr(features["label"], "num_classes", 0) if "label" in features.keys() else 0
 
   def __len__(self) -> int:
     return len(self._source)

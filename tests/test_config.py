@@ -1,0 +1,90 @@
+"""Config validation: every mistake is one ConfigError naming the key and what is valid."""
+
+import subprocess
+
+import pytest
+
+from conftest import TOY_CONFIG, subprocess_env, toy_config
+from ifsq_jax import config_lib, parallel
+from ifsq_jax.train import registry, toy
+
+
+def _validate(config, devices=8, processes=1):
+  config_lib.validate(config, toy.default_config(), devices, processes)
+
+
+def test_default_toy_config_is_valid():
+  _validate(toy_config())
+
+
+def test_misspelled_key_gets_a_suggestion():
+  c = toy_config()
+  c.train.unlock()
+  c.train.lerning_rate = 0.1
+  with pytest.raises(config_lib.ConfigError, match=r"Unknown key config.train.lerning_rate.*"):
+    _validate(c)
+  c = toy_config()
+  c.unlock()
+  c.optimiser = {"lr": 1.0}
+  with pytest.raises(config_lib.ConfigError, match="Did you mean config.optimizer"):
+    _validate(c)
+
+
+def test_wrong_type_names_key_and_expected_type():
+  c = toy_config()
+  c.data.unlock()
+  del c.data["image_size"]
+  c.data.image_size = "32"
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.image_size must be of type int .* got str '32'"):
+    _validate(c)
+
+
+@pytest.mark.parametrize("overrides,devices,message", [
+    ({"train.global_batch_size": 12}, 8, "does not divide over the 8 devices"),
+    ({"train.global_batch_size": 16, "train.grad_accum_steps": 3}, 8, "must divide into"),
+    ({"train.global_batch_size": 16, "train.grad_accum_steps": 4}, 8, r"micro-batch 4\) does not divide"),
+    ({"mesh.data": 3}, 8, "has 3 devices but there are 8"),
+    ({"mesh.data": -1, "mesh.fsdp": 3}, 8, "needs a multiple of 3 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "at most one may be -1"),
+    ({"mesh.rules": (("embed", "model"),)}, 8, "names mesh axes"),
+    ({"optimizer.schedule": "linear"}, 8, "schedule='linear'"),
+    ({"train.ema_decay": 1.0}, 8, "ema_decay=1.0 must be in"),
+    ({"data.name": "imagenet"}, 8, "use one of"),
+])
+def test_invalid_values(overrides, devices, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    _validate(toy_config(**overrides), devices)
+
+
+def test_batch_must_divide_over_processes():
+  with pytest.raises(config_lib.ConfigError, match="over 3 processes"):
+    _validate(toy_config(**{"train.global_batch_size": 16, "mesh.data": 1, "mesh.fsdp": 1}), devices=1, processes=3)
+
+
+def test_unknown_task_lists_the_known_ones():
+  with pytest.raises(config_lib.ConfigError, match=r"config.task='tokenzer' is not a known task; use one of \['toy'"):
+    registry.get("tokenzer")
+
+
+def test_mesh_shape_fills_the_free_axis():
+  assert parallel.mesh_shape(-1, 2, 1, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert parallel.mesh_shape(1, -1, 2, 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_config_variant_and_command_line_override(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("toy_cfg", TOY_CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.get_config("long").train.num_steps == 2000
+  with pytest.raises(ValueError, match="variant 'short' is not known"):
+    mod.get_config("short")
+  proc = subprocess.run(
+      [sys.executable, "-c", "from absl import flags; from ml_collections import config_flags; import sys;"
+       "config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv);"
+       "print(flags.FLAGS.config.train.num_steps, flags.FLAGS.config.optimizer.lr)",
+       f"--config={TOY_CONFIG}:long", "--config.optimizer.lr=0.5"],
+      env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["2000", "0.5"]

@@ -1,0 +1,149 @@
+"""Data: the embedded default, image folders, tfds, transforms, and deterministic resumable batching."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from conftest import toy_config
+from ifsq_jax.data import pipeline, sources, transforms
+
+
+def test_embedded_dataset_has_disjoint_deterministic_splits():
+  train, val = sources.EmbeddedSource("train"), sources.EmbeddedSource("validation")
+  assert len(train) > 300 and len(val) > 50
+  assert {train[i][1] for i in range(len(train))} == set(range(9)) == {val[i][1] for i in range(len(val))}
+  img, _ = train[0]
+  assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+  flat = {im.tobytes() for im in train.images}
+  assert not any(im.tobytes() in flat for im in val.images)
+  np.testing.assert_array_equal(sources.EmbeddedSource("train").images, train.images)
+  with pytest.raises(sources.DataError, match="split 'test'"):
+    sources.EmbeddedSource("test")
+
+
+def _pipe(process_index=0, process_count=1, seed=0, batch=8):
+  return pipeline.Pipeline(sources.EmbeddedSource("train"), transforms.resize_crop_flip, 16, batch, seed=seed,
+                           process_index=process_index, process_count=process_count, prefetch=0)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  a, b = _pipe(), _pipe()
+  np.testing.assert_array_equal(a.batch(5)["image"], b.batch(5)["image"])
+  assert not np.array_equal(a.batch(5)["image"], a.batch(6)["image"])
+  assert not np.array_equal(a.batch(5)["image"], _pipe(seed=1).batch(5)["image"])
+  x = a.batch(0)["image"]
+  assert x.shape == (8, 16, 16, 3) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+
+
+def test_process_slices_concatenate_to_the_global_batch():
+  whole = _pipe(batch=8).batch(3)
+  parts = [_pipe(i, 2, batch=8).batch(3) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
+  np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), whole["label"])
+
+
+def test_an_epoch_visits_every_example_once():
+  src = sources.EmbeddedSource("validation")
+  p = pipeline.Pipeline(src, transforms.center_crop, 16, len(src), seed=0, prefetch=0)
+  seen = [p._example(i)[2] for i in range(len(src))]  # pylint: disable=protected-access
+  assert sorted(seen) == list(range(len(src)))
+
+
+def test_iterator_state_resumes_at_the_exact_example():
+  p = pipeline.Pipeline(sources.EmbeddedSource("train"), transforms.resize_crop_flip, 16, 4, seed=3, prefetch=2)
+  for _ in range(7):
+    next(p)
+  state = p.state()
+  expected = next(p)
+  q = pipeline.Pipeline(sources.EmbeddedSource("train"), transforms.resize_crop_flip, 16, 4, seed=3, prefetch=2)
+  q.restore(state)
+  np.testing.assert_array_equal(next(q)["image"], expected["image"])
+  p.close()
+  q.close()
+
+
+def _folder(root, corrupt=False):
+  rng = np.random.default_rng(0)
+  for c in ("cats", "dogs"):
+    (root / c).mkdir(parents=True)
+    for i in range(25):
+      Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(root / c / f"{i:02d}.png")
+  if corrupt:
+    (root / "cats" / "03.png").write_bytes(b"not an image")
+  return root
+
+
+def test_image_folder_classes_holdout_and_corrupt_files(tmp_path, caplog):
+  root = _folder(tmp_path / "imgs", corrupt=True)
+  train, val = sources.ImageFolderSource(str(root), "train"), sources.ImageFolderSource(str(root), "validation")
+  assert train.classes == ["cats", "dogs"] and len(train) + len(val) == 50 and len(val) == 3
+  p = pipeline.Pipeline(train, transforms.resize_crop_flip, 16, len(train), seed=0, shuffle=False, prefetch=0)
+  with caplog.at_level(logging.WARNING):
+    batch = p.batch(0)
+  assert batch["image"].shape == (len(train), 16, 16, 3)
+  assert p.skipped == 1 and "Skipping an undecodable example" in caplog.text and "03.png" in caplog.text
+
+
+def test_image_folder_split_subfolders_and_errors(tmp_path):
+  _folder(tmp_path / "ds" / "train")
+  _folder(tmp_path / "ds" / "validation")
+  assert len(sources.ImageFolderSource(str(tmp_path / "ds"), "validation")) == 50
+  with pytest.raises(sources.DataError, match="does not exist"):
+    sources.ImageFolderSource(str(tmp_path / "missing"), "train")
+  (tmp_path / "empty" / "a").mkdir(parents=True)
+  with pytest.raises(sources.DataError, match="has no images"):
+    sources.ImageFolderSource(str(tmp_path / "empty"), "train")
+
+
+class TinyImages(tfds.core.GeneratorBasedBuilder):
+  """A three-class tfds dataset built locally (no download)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(12), "validation": self._generate_examples(4)}
+
+  def _generate_examples(self, n):
+    rng = np.random.default_rng(n)
+    for i in range(n):
+      yield i, {"image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8), "label": i % 3}
+
+
+def test_tfds_source_reads_a_prepared_dataset_and_names_bad_ones(tmp_path):
+  TinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  cfg = toy_config(**{"data.name": "tfds", "data.tfds_name": "tiny_images", "data.data_dir": str(tmp_path)})
+  p = pipeline.build_pipeline(cfg, "train", train=True, batch_size=4)
+  assert len(p.source) == 12 and p.source.num_classes == 3
+  assert p.batch(0)["image"].shape == (4, 16, 16, 3)
+  with pytest.raises(sources.DataError, match="no split 'test'"):
+    sources.TfdsSource("tiny_images", "test", data_dir=str(tmp_path))
+  with pytest.raises(sources.DataError, match="'no_such_dataset_xyz' is not known"):
+    sources.TfdsSource("no_such_dataset_xyz", "train", data_dir=str(tmp_path))
+  with pytest.raises(sources.DataError, match="is not prepared"):
+    sources.TfdsSource("mnist", "train", data_dir=str(tmp_path))
+
+
+def test_transforms_shapes_ranges_and_determinism():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 255, (300, 451, 3), dtype=np.uint8)
+  for name, fn in transforms.TRANSFORMS.items():
+    out = fn(img, 64, np.random.default_rng(1))
+    assert out.shape == (64, 64, 3) and out.dtype == np.float32, name
+    assert -1.0 <= out.min() and out.max() <= 1.0
+    np.testing.assert_array_equal(out, fn(img, 64, np.random.default_rng(1)))
+  # Center crop of an image already at the target size is the image itself.
+  small = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+  np.testing.assert_allclose(transforms.center_crop(small, 32), small / 127.5 - 1.0, atol=1e-6)
+  # The tokenizer transform flips about half of the time.
+  flipped = transforms.to_float(small[:, ::-1])
+  flips = sum(np.array_equal(transforms.resize_crop_flip(small, 32, np.random.default_rng(s)), flipped)
+              for s in range(200))
+  assert 60 < flips < 140
