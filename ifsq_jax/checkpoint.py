@@ -11,7 +11,8 @@ removed only after a newer save has finalized).
 Restoring reads the newest step that restores cleanly onto the *current* mesh
 (any device count: arrays are resharded). A newest step that fails to restore is
 renamed ``<step>.corrupt`` (nothing is deleted) with a warning, and the previous
-step is used.
+step is used. Checkpoints of a different train state (another model or
+optimizer in the same work dir) are an error, never set aside.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointMismatchError(ValueError):
+  """The work dir's checkpoints were written for a different model or optimizer."""
 
 
 class Checkpointer:
@@ -85,6 +90,13 @@ class Checkpointer:
       (step, state, data_state), or None when there is no checkpoint.
     """
     for step in reversed(self.steps):
+      saved = _saved_shapes(self.directory / str(step) / "state")
+      if saved is not None and saved != _shapes(abstract_state):
+        missing = sorted(set(_shapes(abstract_state)) - set(saved))[:3]
+        raise CheckpointMismatchError(
+            f"Checkpoint step {step} in {self.directory} holds a different train state than this config builds "
+            f"({len(saved)} arrays saved, {len(_shapes(abstract_state))} expected; e.g. not saved: {missing}). "
+            "Use a new work dir, or checkpoint.init_from to start from its parameters.")
       try:
         restored = self._manager.restore(
             step,
@@ -110,6 +122,22 @@ class Checkpointer:
     _sync("ifsq_jax_set_aside_checkpoint")
     self._manager.close()
     self._manager = self._new_manager()
+
+
+def _shapes(tree: Any) -> list[tuple]:
+  return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+
+
+def _saved_shapes(state_dir: epath.Path) -> list[tuple] | None:
+  """(shape, dtype) of every saved array, or None when the metadata cannot be read (a corrupt step)."""
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(state_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return sorted((tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(tree)) or None
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 def _sync(name: str) -> None:

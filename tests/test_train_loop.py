@@ -159,3 +159,10 @@ def test_workdir_holds_config_metrics_and_checkpoints(tmp_path):
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
   assert list((tmp_path / "images").glob("*.png"))
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_checkpoints_of_another_model_are_an_error_not_set_aside(tmp_path):
+  toy.train_and_evaluate(toy_config(**{"train.num_steps": 2, "checkpoint.every": 2}), tmp_path)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="holds a different train state"):
+    toy.train_and_evaluate(toy_config(**{"train.num_steps": 4, "model.width": 8}), tmp_path)
+  assert (tmp_path / "checkpoints" / "2").is_dir() and not list((tmp_path / "checkpoints").glob("*.corrupt*"))
