@@ -17,8 +17,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ifsq_jax import config_lib, data
-from ifsq_jax.train import registry
+from ifsq_jax import checkpoint, config_lib, data
+from ifsq_jax.train import loop, registry
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).", lock_config=True)
@@ -69,8 +69,8 @@ def main(argv):
     sys.exit(f"Invalid config: {e}")
   try:
     task.train_and_evaluate(config, FLAGS.workdir)
-  except data.DataError as e:
-    sys.exit(f"Data error: {e}")
+  except (data.DataError, checkpoint.CheckpointMismatchError, loop.NonFiniteError) as e:
+    sys.exit(f"{type(e).__name__}: {e}")
 
 
 def run():
