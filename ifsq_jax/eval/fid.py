@@ -1,0 +1,115 @@
+"""Frechet distances, streaming feature statistics, and the ADM file formats.
+
+* :func:`frechet_distance`: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2))`` in
+  float64, the matrix square root as scipy's ``sqrtm`` with the pytorch-fid / ADM
+  retry (``1e-6 I`` added when the product is singular) and the 1e-3 check on
+  the imaginary part.
+* :class:`FeatureStats`: running sums in float64 of any number of feature batches
+  (50k images never sit in memory); ``merge`` / ``allgather`` combine shards of
+  devices and processes; mean and unbiased covariance as ``np.cov(rowvar=False)``.
+* ``mu`` / ``sigma`` ``.npz`` files (the format of ADM's
+  ``VIRTUAL_imagenet256_labeled.npz``) and sample batches as the ``arr_0`` uint8
+  NHWC ``.npz`` that ADM's evaluator reads.
+
+N samples, D feature width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+  """Frechet distance between two Gaussians (D,), (D, D)."""
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}.")
+  diff = mu1 - mu2
+  covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+  if not np.isfinite(covmean).all():
+    offset = np.eye(sigma1.shape[0]) * eps
+    covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the matrix square root.")
+    covmean = covmean.real
+  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+class FeatureStats:
+  """Streaming mean and covariance of features, accumulated in float64."""
+
+  def __init__(self, dim: int):
+    self.dim = dim
+    self.count = 0
+    self.sum = np.zeros((dim,), np.float64)
+    self.outer = np.zeros((dim, dim), np.float64)
+
+  def update(self, features: np.ndarray) -> None:
+    """Adds a batch (N, D)."""
+    f = np.asarray(features, np.float64).reshape(-1, self.dim)
+    self.count += f.shape[0]
+    self.sum += f.sum(0)
+    self.outer += f.T @ f
+
+  def merge(self, other: "FeatureStats") -> "FeatureStats":
+    out = FeatureStats(self.dim)
+    out.count, out.sum, out.outer = self.count + other.count, self.sum + other.sum, self.outer + other.outer
+    return out
+
+  def allgather(self) -> "FeatureStats":
+    """The statistics over all processes (every process gets the total)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1:
+      return self
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    parts = multihost_utils.process_allgather(
+        {"count": np.asarray([self.count], np.float64), "sum": self.sum, "outer": self.outer})
+    out = FeatureStats(self.dim)
+    out.count = int(np.sum(parts["count"]))
+    out.sum, out.outer = parts["sum"].sum(0), parts["outer"].sum(0)
+    return out
+
+  @property
+  def mu(self) -> np.ndarray:
+    return self.sum / self.count
+
+  @property
+  def sigma(self) -> np.ndarray:
+    """Unbiased covariance, as ``np.cov(features, rowvar=False)``."""
+    if self.count < 2:
+      raise ValueError(f"a covariance needs at least 2 samples, got {self.count}.")
+    mu = self.mu
+    return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+  def save(self, path: str) -> None:
+    """Writes ``mu`` and ``sigma`` (ADM's reference-statistics format)."""
+    np.savez(path, mu=self.mu, sigma=self.sigma)
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """``mu``, ``sigma`` from a reference statistics ``.npz`` (e.g. VIRTUAL_imagenet256_labeled.npz)."""
+  with np.load(path, allow_pickle=False) as f:
+    missing = [k for k in ("mu", "sigma") if k not in f.files]
+    if missing:
+      raise ValueError(f"{path} has no {missing}: a reference statistics file holds 'mu' and 'sigma' "
+                       f"(it has {f.files}).")
+    return f["mu"], f["sigma"]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8, as the reference: ``clip(127.5 x + 128, 0, 255)`` truncated."""
+  return np.clip(127.5 * np.asarray(images, np.float64) + 128.0, 0, 255).astype(np.uint8)
+
+
+def save_samples_npz(path: str, images: np.ndarray) -> None:
+  """Sample batch for ADM's evaluator: ``arr_0`` uint8 (N, H, W, 3) from uint8 or [-1, 1] float images."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"samples must be (N, H, W, 3), got {images.shape}.")
+  np.savez(path, arr_0=images)
