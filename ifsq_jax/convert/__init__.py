@@ -1,0 +1,1 @@
+"""PyTorch checkpoint -> params converters: ``python -m ifsq_jax.convert {dinov2} --checkpoint FILE --out DIR``."""

@@ -1,0 +1,109 @@
+"""Reading PyTorch state dicts safely, and writing / reading converted params.
+
+Input: a ``.safetensors`` file, or a ``.pth`` / ``.pt`` / ``.ckpt`` read with
+``torch.load(weights_only=True)`` (never unpickling arbitrary code). Output: a
+directory with ``params.safetensors`` (the flattened param tree, keys joined with
+``/``) and ``config.json`` (what is needed to rebuild the module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be converted (unsafe, unmapped or missing keys)."""
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A PyTorch state dict as float32/int numpy arrays."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path} does not exist.")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      return dict(load_file(path))
+    except Exception:  # bf16 tensors: go through torch  # pylint: disable=broad-except
+      from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top
+      return {k: v.float().numpy() for k, v in load_torch(path).items()}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConversionError(f"reading {path} needs PyTorch (pip install torch==2.13.0), or give a .safetensors file."
+                          ) from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) refused it: "
+                          f"{str(e).splitlines()[0][:300]}). Only state dicts of tensors are accepted.") from None
+  return _flatten_tensors(obj, path)
+
+
+def _flatten_tensors(obj: Any, path: str) -> dict[str, np.ndarray]:
+  import torch  # pylint: disable=g-import-not-at-top
+  if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+  for key in ("state_dict", "model", "ema_state_dict", "module"):
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      return _flatten_tensors(obj[key], path)
+  raise ConversionError(f"{path} holds no state dict of tensors (top-level keys: "
+                        f"{list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__}).")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}/{k}" if prefix else k
+    if isinstance(v, dict):
+      out.update(flatten(v, name))
+    else:
+      out[name] = np.ascontiguousarray(np.asarray(v))
+  return out
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for name, v in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def save_converted(out_dir: str, params: dict[str, Any], config: dict[str, Any]) -> None:
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(flatten(params), os.path.join(out_dir, "params.safetensors"))
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
+def load_converted(path: str, expect_kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(params, config) from a directory written by ``python -m ifsq_jax.convert``."""
+  cfg_path, par_path = os.path.join(path, "config.json"), os.path.join(path, "params.safetensors")
+  if not (os.path.exists(cfg_path) and os.path.exists(par_path)):
+    raise FileNotFoundError(
+        f"{path} holds no converted {expect_kind} weights (config.json + params.safetensors). Convert the original "
+        f"checkpoint first: python -m ifsq_jax.convert {expect_kind} --checkpoint FILE --out {path}")
+  with open(cfg_path) as f:
+    config = json.load(f)
+  if config.get("kind") != expect_kind:
+    raise ConversionError(f"{path} holds {config.get('kind')!r} weights, not {expect_kind!r}.")
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return unflatten(dict(load_file(par_path))), config
+
+
+def check_all_used(state_dict: dict[str, np.ndarray], used: set[str], ignore: tuple[str, ...] = (),
+                   allow_partial: bool = False) -> list[str]:
+  """Names of state-dict entries that were not mapped; a ConversionError unless ``allow_partial``."""
+  unmapped = sorted(k for k in state_dict if k not in used and not any(k.startswith(p) for p in ignore))
+  if unmapped and not allow_partial:
+    raise ConversionError(f"{len(unmapped)} checkpoint entries are not mapped: {unmapped[:10]}"
+                          f"{' ...' if len(unmapped) > 10 else ''} (pass --allow_partial to convert anyway).")
+  return unmapped
