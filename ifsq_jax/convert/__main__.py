@@ -1,6 +1,7 @@
 """``python -m ifsq_jax.convert KIND --checkpoint FILE --out DIR [--allow_partial]``.
 
-Kinds: ``dinov2`` (Hugging Face safetensors or torch-hub .pth). It reports what it
+Kinds: ``dinov2`` (Hugging Face safetensors or torch-hub .pth), ``inception`` (pytorch-fid's
+``pt_inception-2015-12-05-6726825d.pth``). It reports what it
 mapped and refuses a partial mapping unless ``--allow_partial`` is given.
 """
 
@@ -9,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ifsq_jax.convert import dinov2, torch_io
+from ifsq_jax.convert import dinov2, inception, torch_io
 
-KINDS = {"dinov2": dinov2.convert_file}
+KINDS = {"dinov2": dinov2.convert_file, "inception": inception.convert_file}
 
 
 def main(argv=None) -> int:

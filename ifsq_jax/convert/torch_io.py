@@ -84,13 +84,23 @@ def save_converted(out_dir: str, params: dict[str, Any], config: dict[str, Any])
     json.dump(config, f, indent=2, sort_keys=True)
 
 
+WHERE = {
+    "dinov2": "a Hugging Face facebook/dinov2-{small,base,large,giant} model.safetensors, or torch hub's "
+              "dinov2_vit{s,b,l,g}14_pretrain.pth from the facebookresearch/dinov2 release",
+    "inception": "pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub releases (mseitzer/pytorch-fid)",
+    "vgg16": "torchvision's vgg16-397923af.pth (ImageNet weights), optionally with the LPIPS heads vgg.pth "
+             "of taming-transformers",
+}
+
+
 def load_converted(path: str, expect_kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(params, config) from a directory written by ``python -m ifsq_jax.convert``."""
   cfg_path, par_path = os.path.join(path, "config.json"), os.path.join(path, "params.safetensors")
   if not (os.path.exists(cfg_path) and os.path.exists(par_path)):
     raise FileNotFoundError(
-        f"{path} holds no converted {expect_kind} weights (config.json + params.safetensors). Convert the original "
-        f"checkpoint first: python -m ifsq_jax.convert {expect_kind} --checkpoint FILE --out {path}")
+        f"{path} holds no converted {expect_kind} weights (config.json + params.safetensors). They are converted "
+        f"from {WHERE.get(expect_kind, 'the original PyTorch checkpoint')}: "
+        f"python -m ifsq_jax.convert {expect_kind} --checkpoint FILE --out {path}")
   with open(cfg_path) as f:
     config = json.load(f)
   if config.get("kind") != expect_kind:

@@ -1,0 +1,59 @@
+"""pytorch-fid Inception-v3 weights (``pt_inception-2015-12-05-6726825d.pth``) -> :class:`InceptionV3FID` variables.
+
+Module names match; ``X.conv.weight`` (O, I, kH, kW) -> ``X/conv/kernel``
+(kH, kW, I, O), ``X.bn.{weight,bias}`` -> ``X/bn/{scale,bias}``,
+``X.bn.running_{mean,var}`` -> ``batch_stats`` ``X/bn/{mean,var}``. The classifier
+(``fc``), ``AuxLogits`` and ``num_batches_tracked`` are not used for features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ifsq_jax.convert import torch_io
+from ifsq_jax.nets.inception import InceptionV3FID
+
+IGNORED = ("fc.", "AuxLogits.")
+
+
+def _expected() -> dict[str, Any]:
+  return jax.eval_shape(lambda: InceptionV3FID().init(jax.random.key(0), np.zeros((1, 299, 299, 3), np.float32)))
+
+
+def convert(sd: dict[str, np.ndarray], allow_partial: bool = False) -> dict[str, Any]:
+  """State dict -> {"params": ..., "batch_stats": ...}."""
+  sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+  used: set[str] = set()
+  torch_name = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+  def take(path, leaf):
+    names = [p.key for p in path][1:]  # drop the collection ("params" / "batch_stats")
+    key = ".".join(names[:-1] + [torch_name[names[-1]]])
+    if key not in sd:
+      raise torch_io.ConversionError(f"the checkpoint has no entry {key!r}: it is not a pytorch-fid Inception-v3.")
+    used.add(key)
+    v = np.asarray(sd[key], np.float32)
+    if names[-1] == "kernel":
+      v = v.transpose(2, 3, 1, 0)
+    if v.shape != leaf.shape:
+      raise torch_io.ConversionError(f"{key} has shape {v.shape}, expected {leaf.shape}.")
+    return v
+
+  out = jax.tree_util.tree_map_with_path(take, _expected())
+  torch_io.check_all_used(sd, used, ignore=IGNORED, allow_partial=allow_partial)
+  return out
+
+
+def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False) -> str:
+  variables = convert(torch_io.read_state_dict(checkpoint), allow_partial)
+  torch_io.save_converted(out_dir, variables, {"kind": "inception"})
+  return "InceptionV3FID"
+
+
+def load(path: str):
+  """(InceptionV3FID module, variables) from a converted directory."""
+  variables, _ = torch_io.load_converted(path, "inception")
+  return InceptionV3FID(), variables
