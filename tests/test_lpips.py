@@ -50,3 +50,27 @@ def test_weight_pickles_that_hold_code_are_refused(tmp_path):
   with open(good, "wb") as f:
     pickle.dump({"a": {"kernel": np.arange(4.0, dtype=np.float32)}}, f)
   np.testing.assert_array_equal(safe_pickle.load_arrays(str(good))["a"]["kernel"], np.arange(4.0))
+
+
+def test_vgg16_converter_maps_torchvision_and_lpips_head_layouts(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.convert import vgg16 as conv  # pylint: disable=g-import-not-at-top
+  ref = lpips.load_params("vgg16")["params"]
+  trunk = {}
+  for i, idx in enumerate(conv.CONV_INDICES):
+    trunk[f"features.{idx}.weight"] = torch.tensor(ref["features"][f"conv_{i}"]["kernel"].transpose(3, 2, 0, 1).copy())
+    trunk[f"features.{idx}.bias"] = torch.tensor(ref["features"][f"conv_{i}"]["bias"])
+  trunk["classifier.0.weight"] = torch.zeros(2, 2)
+  lin = {f"lin{i}.model.1.weight": torch.tensor(ref[f"lin_{i}"]["kernel"].transpose(3, 2, 0, 1).copy())
+         for i in range(5)}
+  torch.save(trunk, tmp_path / "vgg16.pth")
+  torch.save(lin, tmp_path / "vgg.pth")
+  proc = subprocess.run([sys.executable, "-m", "ifsq_jax.convert", "vgg16", "--checkpoint", str(tmp_path / "vgg16.pth"),
+                         "--lpips_lin", str(tmp_path / "vgg.pth"), "--out", str(tmp_path / "out")],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  got = conv.load(str(tmp_path / "out"))["params"]
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)

@@ -1,7 +1,8 @@
 """``python -m ifsq_jax.convert KIND --checkpoint FILE --out DIR [--allow_partial]``.
 
 Kinds: ``dinov2`` (Hugging Face safetensors or torch-hub .pth), ``inception`` (pytorch-fid's
-``pt_inception-2015-12-05-6726825d.pth``). It reports what it
+``pt_inception-2015-12-05-6726825d.pth``), ``vgg16`` (torchvision's VGG16, with
+``--lpips_lin vgg.pth`` for the LPIPS heads). It reports what it
 mapped and refuses a partial mapping unless ``--allow_partial`` is given.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ifsq_jax.convert import dinov2, inception, torch_io
+from ifsq_jax.convert import dinov2, inception, torch_io, vgg16
 
-KINDS = {"dinov2": dinov2.convert_file, "inception": inception.convert_file}
+KINDS = {"dinov2": dinov2.convert_file, "inception": inception.convert_file, "vgg16": vgg16.convert_file}
 
 
 def main(argv=None) -> int:
@@ -21,9 +22,13 @@ def main(argv=None) -> int:
   parser.add_argument("--checkpoint", required=True, help="PyTorch weights: .safetensors, or .pth/.ckpt of tensors")
   parser.add_argument("--out", required=True, help="output directory (config.json + params.safetensors)")
   parser.add_argument("--allow_partial", action="store_true", help="convert even if some entries are not mapped")
+  parser.add_argument("--lpips_lin", default=None, help="vgg16 only: LPIPS linear heads (vgg.pth)")
   args = parser.parse_args(argv)
   try:
-    cfg = KINDS[args.kind](args.checkpoint, args.out, args.allow_partial)
+    extra = {"lpips_lin": args.lpips_lin} if args.kind == "vgg16" else {}
+    if args.lpips_lin and args.kind != "vgg16":
+      parser.error("--lpips_lin is only for vgg16")
+    cfg = KINDS[args.kind](args.checkpoint, args.out, args.allow_partial, **extra)
   except (torch_io.ConversionError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
