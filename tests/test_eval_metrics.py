@@ -112,3 +112,47 @@ def test_cknna_rejects_bad_topk():
   a = np.random.default_rng(0).normal(size=(8, 3))
   with pytest.raises(ValueError, match="topk=8"):
     ev.cknna(a, a, topk=8)
+
+
+_ALLGATHER = r"""
+import sys, numpy as np, jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from ifsq_jax import eval as ev
+feats = np.random.default_rng(0).normal(size=(300, 8))
+mine = feats[:100] if jax.process_index() == 0 else feats[100:]
+stats = ev.FeatureStats(8)
+stats.update(mine)
+total = stats.allgather()
+assert total.count == 300
+np.testing.assert_allclose(total.mu, feats.mean(0), rtol=1e-10)
+np.testing.assert_allclose(total.sigma, np.cov(feats, rowvar=False), rtol=1e-9)
+print("ok", jax.process_index())
+"""
+
+
+def test_feature_statistics_gather_over_processes(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import subprocess_env  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, "-c", _ALLGATHER, f"127.0.0.1:{port}", str(i)], env=subprocess_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=180)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"ok {i}" in out, out[-2000:]
+
+
+def test_fd_vgg16_is_zero_for_the_same_images_and_grows_with_distortion():
+  rng = np.random.default_rng(3)
+  photo = skimage.data.astronaut().astype(np.float32) / 127.5 - 1
+  crops = np.stack([photo[i:i + 64, j:j + 64] for i in range(0, 400, 40) for j in range(0, 400, 80)])
+  noisy = np.clip(crops + rng.normal(0, 0.5, crops.shape), -1, 1).astype(np.float32)
+  real, same, fake = ev.FeatureStats(512), ev.FeatureStats(512), ev.FeatureStats(512)
+  real.update(ev.vgg16_features(crops))
+  same.update(ev.vgg16_features(crops))
+  fake.update(ev.vgg16_features(noisy))
+  assert abs(ev.fd_vgg16(real, same)) < 1e-3
+  assert ev.fd_vgg16(real, fake) > 1.0

@@ -6,5 +6,6 @@
 """
 
 from ifsq_jax.eval.cknna import cknna, hsic_unbiased
-from ifsq_jax.eval.fid import FeatureStats, frechet_distance, load_stats, save_samples_npz, to_uint8
+from ifsq_jax.eval.fid import (FeatureStats, fd_vgg16, frechet_distance, load_stats, save_samples_npz, to_uint8,
+                               vgg16_features)
 from ifsq_jax.eval.image_metrics import psnr, ssim

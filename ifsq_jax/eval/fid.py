@@ -66,8 +66,10 @@ class FeatureStats:
     if jax.process_count() == 1:
       return self
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    parts = multihost_utils.process_allgather(
-        {"count": np.asarray([self.count], np.float64), "sum": self.sum, "outer": self.outer})
+    with jax.enable_x64(True):  # keep the float64 sums: without it they would travel as float32
+      parts = multihost_utils.process_allgather(
+          {"count": np.asarray([self.count], np.float64), "sum": self.sum, "outer": self.outer})
+      parts = jax.tree.map(np.asarray, parts)
     out = FeatureStats(self.dim)
     out.count = int(np.sum(parts["count"]))
     out.sum, out.outer = parts["sum"].sum(0), parts["outer"].sum(0)
@@ -88,6 +90,29 @@ class FeatureStats:
   def save(self, path: str) -> None:
     """Writes ``mu`` and ``sigma`` (ADM's reference-statistics format)."""
     np.savez(path, mu=self.mu, sigma=self.sigma)
+
+
+def fd_vgg16(stats_a: "FeatureStats", stats_b: "FeatureStats") -> float:
+  """``fd_vgg16``: the Frechet distance of two sets of VGG16 pool features (see ``vgg16_features``).
+
+  Always available (the weights ship with the package); it is not FID and its
+  values are not comparable with FID.
+  """
+  return frechet_distance(stats_a.mu, stats_a.sigma, stats_b.mu, stats_b.sigma)
+
+
+def vgg16_features(images: np.ndarray) -> np.ndarray:
+  """(B, H, W, 3) images in [-1, 1] -> (B, 512) VGG16 pool features for :func:`fd_vgg16`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.nets import lpips  # pylint: disable=g-import-not-at-top
+  fn = _VGG_FN.get("fn")
+  if fn is None:
+    params = lpips.load_params("vgg16")
+    fn = _VGG_FN["fn"] = jax.jit(lambda x: lpips.vgg16_pool_features(params, x))
+  return np.asarray(fn(images))
+
+
+_VGG_FN: dict = {}
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
