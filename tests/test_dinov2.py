@@ -93,3 +93,26 @@ def test_convert_cli_writes_a_loadable_directory_and_refuses_unsafe_or_partial_f
   assert proc.returncode == 1 and "not mapped: ['extra.weight']" in proc.stderr
   with pytest.raises(FileNotFoundError, match="python -m ifsq_jax.convert dinov2"):
     conv.load(str(tmp_path / "nothing"))
+
+
+def test_torch_hub_layout_converts_to_the_same_model():
+  model = _hf(128, 2, 56, seed=3)
+  hf = {k: v.numpy() for k, v in model.state_dict().items()}
+  hub = {"cls_token": hf["embeddings.cls_token"], "pos_embed": hf["embeddings.position_embeddings"],
+         "mask_token": hf["embeddings.mask_token"], "norm.weight": hf["layernorm.weight"],
+         "norm.bias": hf["layernorm.bias"], "patch_embed.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
+         "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"]}
+  for i in range(2):
+    a, b = f"encoder.layer.{i}.", f"blocks.{i}."
+    for part in ("weight", "bias"):
+      hub[b + f"attn.qkv.{part}"] = np.concatenate([hf[a + f"attention.{n}_proj.{part}"] for n in "qkv"])
+      hub[b + f"attn.proj.{part}"] = hf[a + f"attention.o_proj.{part}"]
+      for n in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+        hub[b + f"{n}.{part}"] = hf[a + f"{n}.{part}"]
+    hub[b + "ls1.gamma"], hub[b + "ls2.gamma"] = hf[a + "layer_scale1.lambda1"], hf[a + "layer_scale2.lambda1"]
+  x = torch.randn(1, 3, 56, 56)
+  with torch.no_grad():
+    ref = model(pixel_values=x).last_hidden_state.numpy()
+  params, cfg = conv.convert(hub)
+  np.testing.assert_allclose(np.asarray(dinov2.DinoV2(cfg).apply(params, x.numpy().transpose(0, 2, 3, 1))), ref,
+                             atol=1e-4, rtol=1e-4)

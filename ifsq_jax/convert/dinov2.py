@@ -38,6 +38,12 @@ def _linear(w: np.ndarray, b: np.ndarray | None) -> dict[str, np.ndarray]:
   return out
 
 
+def _mlp(r: _Reader, p: str, names: tuple[str, str], swiglu: bool) -> dict[str, dict[str, np.ndarray]]:
+  """The two MLP layers, named w12 / w3 (SwiGLU) or fc1 / fc2 in our tree."""
+  ours = ("w12", "w3") if swiglu else ("fc1", "fc2")
+  return {o: _linear(r(f"{p}{n}.weight"), r(f"{p}{n}.bias")) for o, n in zip(ours, names)}
+
+
 def _norm(r: _Reader, prefix: str) -> dict[str, np.ndarray]:
   return {"scale": r(f"{prefix}.weight"), "bias": r(f"{prefix}.bias")}
 
@@ -89,22 +95,13 @@ def convert(sd: dict[str, np.ndarray], allow_partial: bool = False) -> tuple[dic
         b = np.concatenate([r(p + "mlp.gate_proj.bias"), r(p + "mlp.up_proj.bias")])
         blk["w12"] = _linear(w, b)
         blk["w3"] = _linear(r(p + "mlp.down_proj.weight"), r(p + "mlp.down_proj.bias"))
-      elif swiglu:
-        blk["w12"] = _linear(r(p + "mlp.weights_in.weight"), r(p + "mlp.weights_in.bias"))
-        blk["w3"] = _linear(r(p + "mlp.weights_out.weight"), r(p + "mlp.weights_out.bias"))
       else:
-        blk["fc1"] = _linear(r(p + "mlp.fc1.weight"), r(p + "mlp.fc1.bias"))
-        blk["fc2"] = _linear(r(p + "mlp.fc2.weight"), r(p + "mlp.fc2.bias"))
+        blk.update(_mlp(r, p, ("mlp.weights_in", "mlp.weights_out") if swiglu else ("mlp.fc1", "mlp.fc2"), swiglu))
     else:
       blk["qkv"] = _linear(r(p + "attn.qkv.weight"), r(p + "attn.qkv.bias"))
       blk["proj"] = _linear(r(p + "attn.proj.weight"), r(p + "attn.proj.bias"))
       blk["ls1"], blk["ls2"] = r(p + "ls1.gamma"), r(p + "ls2.gamma")
-      if swiglu:
-        blk["w12"] = _linear(r(p + "mlp.w12.weight"), r(p + "mlp.w12.bias"))
-        blk["w3"] = _linear(r(p + "mlp.w3.weight"), r(p + "mlp.w3.bias"))
-      else:
-        blk["fc1"] = _linear(r(p + "mlp.fc1.weight"), r(p + "mlp.fc1.bias"))
-        blk["fc2"] = _linear(r(p + "mlp.fc2.weight"), r(p + "mlp.fc2.bias"))
+      blk.update(_mlp(r, p, ("mlp.w12", "mlp.w3") if swiglu else ("mlp.fc1", "mlp.fc2"), swiglu))
     blk["norm1"], blk["norm2"] = _norm(r, p + "norm1"), _norm(r, p + "norm2")
     mlp_hidden = blk["w3" if swiglu else "fc2"]["kernel"].shape[0]
     params[f"blocks_{i}"] = blk
