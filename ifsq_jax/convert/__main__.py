@@ -2,7 +2,8 @@
 
 Kinds: ``dinov2`` (Hugging Face safetensors or torch-hub .pth), ``inception`` (pytorch-fid's
 ``pt_inception-2015-12-05-6726825d.pth``), ``vgg16`` (torchvision's VGG16, with
-``--lpips_lin vgg.pth`` for the LPIPS heads). It reports what it
+``--lpips_lin vgg.pth`` for the LPIPS heads), ``tokenizer`` (an official iFSQ ``checkpoint-*.ckpt``
+with ``--config run.json``). It reports what it
 mapped and refuses a partial mapping unless ``--allow_partial`` is given.
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ifsq_jax.convert import dinov2, inception, torch_io, vgg16
+from ifsq_jax.convert import dinov2, inception, tokenizer, torch_io, vgg16
 
-KINDS = {"dinov2": dinov2.convert_file, "inception": inception.convert_file, "vgg16": vgg16.convert_file}
+KINDS = {"dinov2": dinov2.convert_file, "inception": inception.convert_file, "vgg16": vgg16.convert_file,
+         "tokenizer": tokenizer.convert_file}
 
 
 def main(argv=None) -> int:
@@ -23,11 +25,17 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output directory (config.json + params.safetensors)")
   parser.add_argument("--allow_partial", action="store_true", help="convert even if some entries are not mapped")
   parser.add_argument("--lpips_lin", default=None, help="vgg16 only: LPIPS linear heads (vgg.pth)")
+  parser.add_argument("--config", default=None, help="tokenizer only: the model's run.json / config.json")
+  parser.add_argument("--no_ema", action="store_true", help="tokenizer only: take state_dict, not ema_state_dict")
   args = parser.parse_args(argv)
   try:
     extra = {"lpips_lin": args.lpips_lin} if args.kind == "vgg16" else {}
+    if args.kind == "tokenizer":
+      extra = {"config": args.config, "use_ema": not args.no_ema}
     if args.lpips_lin and args.kind != "vgg16":
       parser.error("--lpips_lin is only for vgg16")
+    if (args.config or args.no_ema) and args.kind != "tokenizer":
+      parser.error("--config and --no_ema are only for tokenizer")
     cfg = KINDS[args.kind](args.checkpoint, args.out, args.allow_partial, **extra)
   except (torch_io.ConversionError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""Official iFSQ tokenizer checkpoints -> :class:`ifsq_jax.models.tokenizer.Tokenizer` params.
+
+Input: a ``checkpoint-*.ckpt`` of the official code (its ``ema_state_dict`` by
+default, else ``state_dict``; the ``module.`` prefix of DDP is dropped) or a bare
+state dict, and the model's ``run.json`` / ``config.json``. Every parameter is
+mapped by renaming (``encoder.down.0.block.1.conv1.weight`` ->
+``encoder/down_0/block_1/conv1/kernel``); the logging-only ``quantize.running_*``
+buffers are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from ifsq_jax.convert import torch_io
+from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
+
+IGNORED = ("quantize.running_mean", "quantize.running_var")
+_ACTIVATIONS = {"scale_sigmoid_16": "ifsq", "scale_sigmoid_20": None}
+
+
+def config_from_reference(ref: dict[str, Any]) -> TokenizerConfig:
+  """The official model config (run.json) -> TokenizerConfig."""
+  if ref.get("_class_name", "ImageFSQVAEModel") not in ("ImageFSQVAEModel", "ImageFSQVAE"):
+    raise torch_io.ConversionError(f"config is for {ref.get('_class_name')}, not ImageFSQVAEModel.")
+  simple = ref.get("do_simple_bound", False)
+  act = ref.get("act_fun", "tanh")
+  if simple and act != "scale_sigmoid_16":
+    raise torch_io.ConversionError(
+        f"act_fun={act!r} with the simple bound is not the iFSQ bound; only scale_sigmoid_16 maps to bottleneck 'ifsq'.")
+  mult = tuple(ref.get("hidden_size_mult", (1, 2, 4, 4)))
+  down = ref.get("encoder_spatial_downsample", ("Downsample",) * (len(mult) - 1) + ("",))
+  up = ref.get("decoder_spatial_upsample", ("",) + ("Upsample",) * (len(mult) - 1))
+  bits = ref.get("factorized_bits")
+  return TokenizerConfig(
+      hidden_size=ref.get("hidden_size", 128), hidden_size_mult=mult, num_res_blocks=ref.get("num_res_blocks", 2),
+      z_channels=ref.get("z_channels", 4), embed_dim=ref.get("embed_dim", 4), double_z=ref.get("double_z", True),
+      downsample=tuple(bool(d) for d in down), upsample=tuple(bool(u) for u in up),
+      attn_resolutions=tuple(ref.get("attn_resolutions", ())), resolution=ref.get("resolution", 256),
+      dropout=ref.get("dropout", 0.0), bottleneck="ifsq" if simple else "fsq",
+      levels=tuple(ref.get("levels", (8, 8, 8, 8))), group_sizes=tuple(bits) if bits else None)
+
+
+def _flax_path(key: str) -> tuple[list[str], str]:
+  parts = key.split(".")
+  merged: list[str] = []
+  for p in parts[:-1]:
+    if p.isdigit() and merged:
+      merged[-1] = f"{merged[-1]}_{p}"
+    else:
+      merged.append(p)
+  return merged, parts[-1]
+
+
+def convert(sd: dict[str, np.ndarray], cfg: TokenizerConfig, allow_partial: bool = False) -> dict[str, Any]:
+  """State dict -> {"params": ...} for ``Tokenizer(cfg)``."""
+  sd = {k.removeprefix("module."): v for k, v in sd.items()}
+  abstract = jax.eval_shape(lambda: Tokenizer(cfg).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+  params: dict[str, Any] = {}
+  used = set()
+  for key, value in sd.items():
+    if key in IGNORED:
+      continue
+    path, leaf = _flax_path(key)
+    value = np.asarray(value, np.float32)
+    if path[-1] == "embedding" and path[0] == "quantize":  # VQ codebook
+      path, name = ["quantize"], "codebook"
+    elif leaf == "bias":
+      name = "bias"
+    elif value.ndim == 4:
+      name, value = "kernel", value.transpose(2, 3, 1, 0)
+    elif value.ndim == 2:
+      name, value = "kernel", value.T
+    elif leaf == "weight" and "norm" in path[-1]:
+      name = "scale"
+    else:
+      continue
+    node = params
+    for p in path:
+      node = node.setdefault(p, {})
+    node[name] = value
+    used.add(key)
+  torch_io.check_all_used(sd, used, ignore=IGNORED, allow_partial=allow_partial)
+  expected = abstract["params"]
+
+  def check(path, leaf):
+    names = [p.key for p in path]
+    node = params
+    for n in names:
+      if not isinstance(node, dict) or n not in node:
+        raise torch_io.ConversionError(f"the checkpoint has nothing for {'/'.join(names)} (shape {leaf.shape}).")
+      node = node[n]
+    if node.shape != leaf.shape:
+      raise torch_io.ConversionError(f"{'/'.join(names)}: checkpoint shape {node.shape}, model shape {leaf.shape}.")
+    return node
+
+  return {"params": jax.tree_util.tree_map_with_path(check, expected)}
+
+
+def read_checkpoint(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
+  """An official checkpoint's (EMA) state dict, or a bare state dict."""
+  if path.endswith(".safetensors"):
+    return torch_io.read_state_dict(path)
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise torch_io.ConversionError(f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) "
+                                   f"refused it: {str(e).splitlines()[0][:300]}).") from None
+  if isinstance(obj, dict):
+    for key in (("ema_state_dict", "state_dict") if use_ema else ("state_dict",)):
+      if isinstance(obj.get(key), dict):
+        obj = obj[key]
+        break
+  return torch_io._flatten_tensors(obj, path)  # pylint: disable=protected-access
+
+
+def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, config: str | None = None,
+                 use_ema: bool = True) -> str:
+  if not config:
+    raise torch_io.ConversionError("the tokenizer converter needs --config RUN_JSON (the model's run.json).")
+  with open(config) as f:
+    cfg = config_from_reference(json.load(f))
+  variables = convert(read_checkpoint(checkpoint, use_ema), cfg, allow_partial)
+  torch_io.save_converted(out_dir, variables["params"], {"kind": "tokenizer", "model": _cfg_json(cfg)})
+  return f"Tokenizer({cfg.bottleneck}, levels={cfg.levels})"
+
+
+def _cfg_json(cfg: TokenizerConfig) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def cfg_from_json(d: dict[str, Any]) -> TokenizerConfig:
+  d = dict(d)
+  for k in ("hidden_size_mult", "downsample", "upsample", "attn_resolutions", "levels"):
+    d[k] = tuple(d[k])
+  d["group_sizes"] = tuple(d["group_sizes"]) if d.get("group_sizes") else None
+  return TokenizerConfig(**d)
+
+
+def load(path: str) -> tuple[TokenizerConfig, dict[str, Any]]:
+  params, config = torch_io.load_converted(path, "tokenizer")
+  return cfg_from_json(config["model"]), {"params": params}
+
+
+def exists(path: str) -> bool:
+  return os.path.exists(os.path.join(path, "params.safetensors"))

@@ -1,0 +1,1 @@
+"""Models: the tokenizer (Linen), and loading a trained one."""

@@ -1,0 +1,56 @@
+"""``load_tokenizer``: a trained tokenizer, ready to encode and decode, in one call.
+
+NHWC float images in [-1, 1]; B batch, h w latent size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ifsq_jax.convert import tokenizer as tokenizer_convert
+from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
+
+
+class LoadedTokenizer:
+  """A tokenizer with its parameters; every method is jitted.
+
+  Attributes:
+    config: The architecture.
+    model: The Linen module.
+    variables: ``{"params": ...}``.
+  """
+
+  def __init__(self, config: TokenizerConfig, variables: dict[str, Any], dtype: Any = jnp.float32):
+    self.config = config
+    self.model = Tokenizer(config, dtype=dtype)
+    self.variables = variables
+    apply = lambda method: jax.jit(lambda v, x: self.model.apply(v, x, method=method))
+    self._encode = apply(lambda m, x: m.encode(x).codes)
+    self._indices = apply(lambda m, x: m.encode(x).indices)
+    self._decode = apply(lambda m, z: m.decode(z))
+    self._decode_indices = apply(lambda m, i: m.decode_indices(i))
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) -> codes (B, h, w, embed_dim)."""
+    return self._encode(self.variables, images)
+
+  def encode_to_indices(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) -> indices (B, h, w) (or (B, h, w, G) with factorized groups)."""
+    return self._indices(self.variables, images)
+
+  def decode(self, codes: jax.Array) -> jax.Array:
+    """Codes (B, h, w, embed_dim) -> images (B, H, W, 3), not clamped."""
+    return self._decode(self.variables, codes)
+
+  def decode_indices(self, indices: jax.Array) -> jax.Array:
+    """Indices -> images (B, H, W, 3)."""
+    return self._decode_indices(self.variables, indices)
+
+
+def load_tokenizer(path: str, dtype: Any = jnp.float32) -> LoadedTokenizer:
+  """A tokenizer from a directory written by ``python -m ifsq_jax.convert tokenizer``."""
+  config, variables = tokenizer_convert.load(path)
+  return LoadedTokenizer(config, variables, dtype)
