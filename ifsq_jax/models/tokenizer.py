@@ -176,7 +176,8 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, z, train: bool = False):
+  def __call__(self, z, train: bool = False, features_only: bool = False):
+    """``features_only``: stop before ``conv_out`` (the GAN's adaptive weight differentiates at that layer)."""
     c = self.cfg
     n = len(c.hidden_size_mult)
     h = _conv(c.hidden_size * c.hidden_size_mult[-1], 3, self.dtype, "conv_in")(z.astype(self.dtype))
@@ -188,7 +189,16 @@ class Decoder(nn.Module):
                  "up" if c.upsample[i] else "", c.dropout, self.dtype, name=f"up_{i}")(h, train)
       res = res * 2 if c.upsample[i] else res
     h = nn.swish(_norm(self.dtype, "norm_out")(h))
+    if features_only:
+      return h
     return _conv(3, 3, self.dtype, "conv_out")(h)
+
+
+def conv_out(features: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """The decoder's last layer as a function of its weights: (B, H, W, C) -> (B, H, W, 3) float32."""
+  y = jax.lax.conv_general_dilated(features.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + bias
 
 
 class Tokenizer(nn.Module):
@@ -231,6 +241,10 @@ class Tokenizer(nn.Module):
   def decode(self, codes: jax.Array, train: bool = False) -> jax.Array:
     """Codes (B, h, w, embed_dim) -> images (B, H, W, 3), float32, not clamped."""
     return self.decoder(self.post_quant_conv(codes.astype(self.dtype)), train).astype(jnp.float32)
+
+  def decode_features(self, codes: jax.Array, train: bool = False) -> jax.Array:
+    """Codes -> the decoder's features before ``conv_out`` (B, H, W, hidden_size)."""
+    return self.decoder(self.post_quant_conv(codes.astype(self.dtype)), train, features_only=True)
 
   def decode_indices(self, indices: jax.Array) -> jax.Array:
     """Indices -> images (FSQ and VQ bottlenecks)."""

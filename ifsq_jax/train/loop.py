@@ -245,7 +245,7 @@ class _HostMetrics:
     self.max_run = max_run
     self._pending: list[dict] = []
     self._sums: dict[str, float] = {}
-    self._count = 0
+    self._counts: dict[str, int] = {}
 
   def add(self, step: int, metrics: dict) -> None:
     self._pending.append(metrics)
@@ -255,11 +255,11 @@ class _HostMetrics:
   def _consume(self, metrics: dict) -> None:
     values = jax.device_get(metrics)
     self.run = self.run + 1 if values.get("nonfinite", 0) > 0 else 0
-    for k, v in values.items():
+    for k, v in values.items():  # each key is averaged over the steps that report it (G and D steps differ)
       v = np.asarray(v)
       if v.size == 1:
         self._sums[k] = self._sums.get(k, 0.0) + float(v)
-    self._count += 1
+        self._counts[k] = self._counts.get(k, 0) + 1
 
   def check(self) -> None:
     """Consumes everything but the newest step (keeps the device busy)."""
@@ -269,10 +269,10 @@ class _HostMetrics:
   def flush(self) -> dict[str, float]:
     while self._pending:
       self._consume(self._pending.pop(0))
-    out = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+    out = {k: v / self._counts[k] for k, v in self._sums.items()}
     out.pop("nonfinite", None)
     out["nonfinite_steps"] = self._sums.get("nonfinite", 0.0)
-    self._sums, self._count = {}, 0
+    self._sums, self._counts = {}, {}
     return out
 
   @property

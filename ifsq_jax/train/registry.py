@@ -9,6 +9,7 @@ from ifsq_jax import config_lib
 
 TASKS = {
     "toy": "ifsq_jax.train.toy",
+    "tokenizer": "ifsq_jax.train.tokenizer",
 }
 
 
