@@ -2,10 +2,16 @@
 
 import os
 import pathlib
+import tempfile
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Runs that rebuild the same programs (resume, two meshes, subprocesses) reuse compilations.
+_CACHE = os.path.join(tempfile.gettempdir(), "ifsq_jax_test_compilation_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -5,10 +5,13 @@ NHWC float images in [-1, 1]; B batch, h w latent size.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from etils import epath
 
 from ifsq_jax.convert import tokenizer as tokenizer_convert
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
@@ -50,7 +53,23 @@ class LoadedTokenizer:
     return self._decode_indices(self.variables, indices)
 
 
-def load_tokenizer(path: str, dtype: Any = jnp.float32) -> LoadedTokenizer:
-  """A tokenizer from a directory written by ``python -m ifsq_jax.convert tokenizer``."""
-  config, variables = tokenizer_convert.load(path)
-  return LoadedTokenizer(config, variables, dtype)
+def load_tokenizer(path: str, dtype: Any = jnp.float32, ema: bool = True) -> LoadedTokenizer:
+  """A ready tokenizer from a training work dir (newest checkpoint, EMA weights by default), one of its
+  checkpoint directories, or a directory written by ``python -m ifsq_jax.convert tokenizer``."""
+  root = epath.Path(path)
+  if tokenizer_convert.exists(str(root)):
+    config, variables = tokenizer_convert.load(str(root))
+    return LoadedTokenizer(config, variables, dtype)
+  workdir = root if (root / "config.json").exists() else root.parent.parent
+  if not (workdir / "config.json").exists():
+    raise FileNotFoundError(f"{path} is neither a tokenizer work dir (config.json + checkpoints/), a checkpoint of "
+                            "one, nor a converted directory (python -m ifsq_jax.convert tokenizer).")
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  if config.get("task") != "tokenizer":
+    raise ValueError(f"{workdir} holds a {config.get('task')!r} run, not a tokenizer.")
+  from ifsq_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.train import tokenizer as trainer  # pylint: disable=g-import-not-at-top
+  params = checkpoint.restore_params(root, None, key="ema_params" if ema else "params")
+  if not ema:
+    params = params["gen"]
+  return LoadedTokenizer(trainer.model_config(config), {"params": jax.device_get(params)}, dtype)

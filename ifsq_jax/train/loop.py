@@ -12,6 +12,7 @@ resumed run draws the same numbers and examples as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -211,6 +212,8 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
         scalars = trainer.evaluate(state, step)
         if scalars:
           writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+          if final and jax.process_index() == 0:
+            (workdir / "eval.json").write_text(json.dumps({"step": step, **scalars}, indent=2))
       if (t.image_every and step % t.image_every == 0) or final:
         _write_images(trainer, state, step, workdir, writer)
       if step % config.checkpoint.every == 0 or final or stop:
