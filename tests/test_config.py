@@ -62,7 +62,7 @@ def test_batch_must_divide_over_processes():
 
 
 def test_unknown_task_lists_the_known_ones():
-  with pytest.raises(config_lib.ConfigError, match=r"config.task='tokenzer' is not a known task; use one of \['toy'"):
+  with pytest.raises(config_lib.ConfigError, match=r"config.task='tokenzer' is not a known task; use one of \['tokenizer', 'toy'\]"):
     registry.get("tokenzer")
 
 
