@@ -88,3 +88,24 @@ def test_config_variant_and_command_line_override(tmp_path):
       env=subprocess_env(1), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ["2000", "0.5"]
+
+
+def test_paper_tokenizer_config_variants():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.train import tokenizer  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("paper_cfg", REPO / "configs" / "ifsq_f16_d4.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  assert c.model.levels == (17, 17, 17, 17) and c.model.bottleneck == "ifsq" and c.train.global_batch_size == 128
+  assert c.loss.disc_start == 50_000 and c.checkpoint.every == 5000 and c.data.tfds_name == "imagenet2012"
+  assert tokenizer.model_config(c) == tokenizer.TokenizerConfig()
+  assert mod.get_config("bits=2,bound=fsq").model.levels == (5, 5, 5, 5)
+  assert mod.get_config("bits=2,bound=fsq").model.bottleneck == "fsq"
+  assert mod.get_config("bottleneck=vq").model.bottleneck == "vq"
+  config_lib.validate(mod.get_config("tiny"), tokenizer.default_config(), 8)
+  with pytest.raises(ValueError, match="bits=9"):
+    mod.get_config("bits=9")
+  with pytest.raises(ValueError, match="unknown variant"):
+    mod.get_config("bitz=3")
