@@ -1,7 +1,7 @@
 r"""A tiny FSQ autoencoder on the embedded images: the smallest run of the shared loop.
 
-  python -m ifsq_jax.main --config=configs/toy.py --workdir=/tmp/toy
-  python -m ifsq_jax.main --config=configs/toy.py:long --workdir=/tmp/toy --config.optimizer.lr=1e-3
+  python -m ifsq_jax.main --config=configs/toy.py --workdir=out/toy
+  python -m ifsq_jax.main --config=configs/toy.py:long --workdir=out/toy --config.optimizer.lr=1e-3
 """
 
 from ifsq_jax.train import toy
