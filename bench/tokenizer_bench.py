@@ -1,0 +1,99 @@
+"""Tokenizer speed on CPU: images/s and model FLOP utilisation of the f16-d4 model.
+
+For each image size and dtype it measures, in one run:
+
+* a float32 (or bf16 with float32 accumulation) matmul peak of this machine;
+* encode + decode (inference) of the paper's 83.3M-parameter tokenizer;
+* an L1-only training step (forward + backward + AdamW), the reference's measured case;
+* the full generator step with LPIPS-VGG and the discriminator (adaptive weight included).
+
+FLOPs come from XLA's cost analysis of each compiled program; utilisation is
+FLOPs / step time / the measured peak.
+
+Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ifsq_jax import parallel
+from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
+from ifsq_jax.train import tokenizer as trainer_lib
+
+
+def timed(fn, *args, repeats: int = 3) -> float:
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def flops(jitted, *args) -> float:
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
+
+
+def matmul_peak(dtype) -> float:
+  n = 2048
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  return 2 * n**3 / timed(f, a, a, repeats=5)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  parser.add_argument("--batch", type=int, default=4)
+  args = parser.parse_args()
+  print(f"f16-d4 tokenizer, batch {args.batch}, {jax.device_count()} {jax.default_backend()} device(s), "
+        f"jax {jax.__version__}")
+  for dtype_name in args.dtypes:
+    dtype = jnp.dtype(dtype_name)
+    peak = matmul_peak(dtype)
+    print(f"{dtype_name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+    for size in args.sizes:
+      model = Tokenizer(TokenizerConfig(resolution=size), dtype=dtype)
+      x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (args.batch, size, size, 3)), jnp.float32)
+      params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+      tx = optax.adamw(1e-4, weight_decay=0.0)
+      opt = tx.init(params)
+
+      recon = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+
+      def l1_step(p, o, x):
+        loss, g = jax.value_and_grad(lambda p: jnp.mean(jnp.abs(model.apply({"params": p}, x)[0] - x)))(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+      l1 = jax.jit(l1_step)
+      cases = [("encode + decode", recon, (params, x)), ("L1 training step", l1, (params, opt, x))]
+
+      cfg = trainer_lib.default_config()
+      cfg.data.name, cfg.data.image_size, cfg.data.eval_examples = "embedded", size, 4
+      cfg.train.compute_dtype = dtype_name
+      cfg.loss.disc_start = 0
+      trainer = trainer_lib.TokenizerTrainer(cfg, parallel.make_mesh(-1, 1, 1))
+      state = jax.jit(trainer.init_state)(jax.random.key(0))
+      full = jax.jit(trainer.train_steps()["gen_gan"])
+      cases.append(("full G step (LPIPS + GAN)", full, (state, {"image": x}, jax.random.key(1))))
+      for name, fn, fargs in cases:
+        fl = flops(fn, *fargs)
+        t = timed(fn, *fargs)
+        print(f"  {size}x{size} {name:28s} {t:8.2f} s  {args.batch / t:7.2f} images/s  "
+              f"{fl / 1e9:9.1f} GFLOP  {100 * fl / t / peak:5.1f}% of peak")
+
+
+if __name__ == "__main__":
+  main()
