@@ -36,19 +36,5 @@ def get_config(arg=None):
       raise ValueError(f"bottleneck={options['bottleneck']!r} must be vq, kl or ae.")
     c.model.bottleneck = options["bottleneck"]
   if "tiny" in options:
-    c.data.name = "embedded"
-    c.data.image_size = 32
-    c.train.compute_dtype = "float32"
-    c.train.global_batch_size = 16
-    c.train.num_steps = 600
-    c.train.eval_every = c.train.image_every = c.checkpoint.every = 300
-    c.train.log_every = 50
-    c.model.hidden_size = 32
-    c.model.hidden_size_mult = (1, 2, 2)
-    c.model.num_res_blocks = 1
-    c.model.downsample = (True, True, False)
-    c.model.upsample = (False, True, True)
-    c.loss.disc_start = 400
-    c.loss.disc_ndf = 16
-    c.loss.disc_layers = 2
+    tokenizer.small_cpu_config(c)
   return c

@@ -45,13 +45,18 @@ def toy_config(**overrides):
   c.data.eval_examples = 8
   c.model.width = 16
   c.model.mlp_width = 64
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(config, overrides):
+  """Sets dotted keys ("train.num_steps") of a ConfigDict; returns it."""
   for key, value in overrides.items():
-    node = c
+    node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return c
+  return config
 
 
 def read_metrics(workdir):

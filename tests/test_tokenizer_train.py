@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ifsq_jax
-from conftest import read_metrics
+from conftest import apply_overrides, read_metrics
 from ifsq_jax import parallel
 from ifsq_jax.train import tokenizer
 
@@ -32,13 +32,7 @@ def tiny_config(**overrides):
   c.loss.disc_start = 2
   c.loss.disc_ndf = 8
   c.loss.disc_layers = 1
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return apply_overrides(c, overrides)
 
 
 def _leaves(t):

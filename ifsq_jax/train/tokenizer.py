@@ -95,6 +95,29 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def small_cpu_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns a tokenizer config into the CPU-sized run on the embedded images (quickstart, ``tiny``)."""
+  c.data.name = "embedded"
+  c.data.image_size = 32
+  c.data.eval_examples = 64
+  c.train.compute_dtype = "float32"
+  c.train.global_batch_size = 16
+  c.train.num_steps = 600
+  c.train.log_every = 50
+  c.train.eval_every = c.train.image_every = c.checkpoint.every = 300
+  c.train.ema_decay = 0.99
+  c.optimizer.lr = 1e-3
+  c.model.hidden_size = 32
+  c.model.hidden_size_mult = (1, 2, 2)
+  c.model.num_res_blocks = 1
+  c.model.downsample = (True, True, False)
+  c.model.upsample = (False, True, True)
+  c.loss.disc_start = 400
+  c.loss.disc_ndf = 16
+  c.loss.disc_layers = 2
+  return c
+
+
 def model_config(c: ml_collections.ConfigDict) -> TokenizerConfig:
   m = c.model
   return TokenizerConfig(
