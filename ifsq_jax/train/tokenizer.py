@@ -147,6 +147,7 @@ class TokenizerTrainer(loop.Trainer):
     self._eval_data = pipeline_lib.build_pipeline(config, config.data.eval_split, train=False,
                                                   batch_size=config.data.eval_examples)
     self._reconstruct = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
+    self._code_stats = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method=Tokenizer.encode).stats)
     self._lpips_alex = jax.jit(lambda a, b: lpips.LPIPS("alexnet").apply(lpips.load_params("alexnet"), a, b))
 
   def init_state(self, rng):
@@ -265,9 +266,9 @@ class TokenizerTrainer(loop.Trainer):
     recon = np.asarray(self._reconstruct(state.ema_params, x))
     out = reconstruction_metrics(x, recon)
     out["lpips_alex"] = float(np.mean(np.asarray(self._lpips_alex(x, recon))))
-    codes = self.model.apply({"params": state.ema_params}, x, method=Tokenizer.encode)
-    if "usage" in codes.stats:
-      out["code_usage"] = float(np.mean(np.asarray(codes.stats["usage"])))
+    stats = self._code_stats(state.ema_params, x)
+    if "usage" in stats:
+      out["code_usage"] = float(np.mean(np.asarray(stats["usage"])))
     return out
 
   def image_rows(self, state):
