@@ -18,6 +18,7 @@ optimizer in the same work dir) are an error, never set aside.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -42,7 +43,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: epath.PathLike, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = _absolute(directory)
     self._keep = keep
     self._async = async_save
     self._manager = self._new_manager()
@@ -124,6 +125,11 @@ class Checkpointer:
     self._manager = self._new_manager()
 
 
+def _absolute(path: epath.PathLike) -> epath.Path:
+  """Orbax needs absolute paths: a relative local path is resolved; URLs (gs://...) are kept."""
+  return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def _shapes(tree: Any) -> list[tuple]:
   return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
 
@@ -171,7 +177,7 @@ def restore_params(path: epath.PathLike, abstract_params: Any, key: str = "param
       field must match, or None to read it as saved onto the default device.
     key: The field of the saved state.
   """
-  step_dir = resolve_checkpoint(path)
+  step_dir = resolve_checkpoint(_absolute(path))
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(step_dir / "state")
     tree = getattr(meta, "item_metadata", meta)

@@ -166,3 +166,13 @@ def test_checkpoints_of_another_model_are_an_error_not_set_aside(tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatchError, match="holds a different train state"):
     toy.train_and_evaluate(toy_config(**{"train.num_steps": 4, "model.width": 8}), tmp_path)
   assert (tmp_path / "checkpoints" / "2").is_dir() and not list((tmp_path / "checkpoints").glob("*.corrupt*"))
+
+
+def test_a_relative_work_dir_checkpoints_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  toy.train_and_evaluate(toy_config(**{"train.num_steps": 3}), "out/run", devices=jax.devices()[:1])
+  assert (tmp_path / "out" / "run" / "checkpoints" / "3").is_dir()
+  state = toy.train_and_evaluate(toy_config(**{"train.num_steps": 4}), "out/run", devices=jax.devices()[:1])
+  assert int(state.step) == 4 and sorted(read_metrics(tmp_path / "out" / "run")) == [1, 2, 3, 4]
+  params = checkpoint.restore_params("out/run", None)
+  assert jax.tree.leaves(params)
