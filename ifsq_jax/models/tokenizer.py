@@ -64,6 +64,15 @@ class TokenizerConfig:
     return FSQ(self.levels, bound="ifsq" if self.bottleneck == "ifsq" else "tanh", group_sizes=self.group_sizes)
 
   @property
+  def index_sizes(self) -> tuple[int, ...]:
+    """Codebook size of each index column (one per factorized group); () without indices."""
+    if self.bottleneck in ("ifsq", "fsq"):
+      return self.fsq.group_codebook_sizes
+    if self.bottleneck == "vq":
+      return (self.vq_codebook_size,)
+    return ()
+
+  @property
   def downsample_factor(self) -> int:
     return 2 ** sum(self.downsample)
 

@@ -23,19 +23,15 @@ B batch, H W image size.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 
 from ifsq_jax import config_lib
-from ifsq_jax import eval as ev
 from ifsq_jax.data import pipeline as pipeline_lib
+from ifsq_jax.eval import reconstruction as recon_lib
 from ifsq_jax.losses import gan
 from ifsq_jax.models.discriminator import PatchDiscriminator
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig, conv_out
@@ -144,11 +140,16 @@ class TokenizerTrainer(loop.Trainer):
     no_clip = ml_collections.ConfigDict(o.to_dict())
     no_clip.grad_clip_norm = 0.0
     self.tx_disc = state_lib.make_optimizer(no_clip, config.train.num_steps)
-    self._eval_data = pipeline_lib.build_pipeline(config, config.data.eval_split, train=False,
-                                                  batch_size=config.data.eval_examples)
+    self._eval_data = pipeline_lib.build_pipeline(config, config.data.eval_split, train=False, batch_size=8)
     self._reconstruct = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
-    self._code_stats = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method=Tokenizer.encode).stats)
-    self._lpips_alex = jax.jit(lambda a, b: lpips.LPIPS("alexnet").apply(lpips.load_params("alexnet"), a, b))
+    fsq = self._fsq = self.cfg.bottleneck in ("ifsq", "fsq")
+    indices = self.cfg.bottleneck in ("ifsq", "fsq", "vq")
+
+    def eval_step(p, x):
+      recon, out = self.model.apply({"params": p}, x)
+      return recon, out.codes if fsq else None, out.indices if indices else None
+
+    self._eval_step = jax.jit(eval_step)
 
   def init_state(self, rng):
     s = self.config.data.image_size
@@ -261,29 +262,18 @@ class TokenizerTrainer(loop.Trainer):
   # --------------------------------------------------------------- evaluation
 
   def evaluate(self, state, step):
-    batch = self._eval_data.batch(0)
-    x = batch["image"]
-    recon = np.asarray(self._reconstruct(state.ema_params, x))
-    out = reconstruction_metrics(x, recon)
-    out["lpips_alex"] = float(np.mean(np.asarray(self._lpips_alex(x, recon))))
-    stats = self._code_stats(state.ema_params, x)
-    if "usage" in stats:
-      out["code_usage"] = float(np.mean(np.asarray(stats["usage"])))
-    return out
+    """Reconstruction metrics of the EMA weights on the first ``data.eval_examples`` validation images."""
+    del step
+    c = self.config
+    metrics = recon_lib.ReconstructionMetrics(self.cfg.index_sizes, fsq=self.cfg.fsq if self._fsq else None)
+    out = recon_lib.evaluate_split(lambda x: self._eval_step(state.ema_params, x), self.mesh, self._eval_data.source,
+                                   c.data.image_size, metrics, batch=c.train.global_batch_size // jax.process_count(),
+                                   max_examples=c.data.eval_examples)
+    return {k: v for k, v in out.items() if np.ndim(v) == 0}
 
   def image_rows(self, state):
     x = self._eval_data.batch(0)["image"][:8]
     return [x, np.clip(np.asarray(self._reconstruct(state.ema_params, x)), -1, 1)]
-
-
-def reconstruction_metrics(x: np.ndarray, recon: np.ndarray) -> dict[str, float]:
-  """PSNR and SSIM on [0, 1] (reconstructions not clamped, as the reference), and fd_vgg16."""
-  a, b = (np.asarray(x) + 1) / 2, (np.asarray(recon) + 1) / 2
-  real, fake = ev.FeatureStats(512), ev.FeatureStats(512)
-  real.update(ev.vgg16_features(x))
-  fake.update(ev.vgg16_features(np.clip(recon, -1, 1)))
-  return {"psnr": float(np.mean(np.asarray(ev.psnr(a, b)))), "ssim": float(np.mean(np.asarray(ev.ssim(a, b)))),
-          "fd_vgg16": ev.fd_vgg16(real, fake)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
