@@ -76,6 +76,7 @@ def plot(results: dict, path: str) -> None:
     if ae:
       ax.axhline(ae[0], color="gray", linestyle=":", label="AE")
     ax.set_title(title)
+    ax.set_xticks(sorted({r["bits"] for r in results.values() if r["bits"]}))
     ax.set_xlabel("bits per channel")
     ax.grid(alpha=0.3)
   axes[0].legend()

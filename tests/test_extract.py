@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 
@@ -51,3 +52,30 @@ def test_extract_matches_encode_with_flips_and_resumes(tmp_path):
     if s != shards[1]:
       assert os.path.getmtime(out / s) == stamp[s]
   np.testing.assert_array_equal(np.load(out / shards[1])["index"], np.arange(40, 80))
+
+
+def test_two_processes_split_the_shards_and_write_what_one_process_writes(tmp_path):
+  tok_dir = _tokenizer_dir(tmp_path / "tok")
+  base = [sys.executable, "-m", "ifsq_jax.tools.extract", "--tokenizer", tok_dir, "--split", "validation",
+          "--image_size", "16", "--shard_size", "20", "--batch", "20", "--no_flip"]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(base + ["--out", str(tmp_path / "two"), f"--coordinator_address=127.0.0.1:{port}",
+                                    "--num_processes=2", f"--process_id={i}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(out)
+  assert "Wrote 3 shards" in outs[0] and "Wrote 2 shards" in outs[1]  # 82 images: shards 0, 2, 4 and 1, 3
+  proc = subprocess.run(base + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(p for p in os.listdir(tmp_path / "one") if p.startswith("shard-"))
+  assert names == sorted(p for p in os.listdir(tmp_path / "two") if p.startswith("shard-")) and len(names) == 5
+  for name in names:
+    one, two = np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)
+    assert sorted(one.files) == sorted(two.files)
+    for k in one.files:
+      np.testing.assert_array_equal(one[k], two[k])
