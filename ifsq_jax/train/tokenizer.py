@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ifsq_jax import config_lib
+from ifsq_jax import config_lib, parallel
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.eval import reconstruction as recon_lib
 from ifsq_jax.losses import gan
@@ -272,8 +272,9 @@ class TokenizerTrainer(loop.Trainer):
     return {k: v for k, v in out.items() if np.ndim(v) == 0}
 
   def image_rows(self, state):
-    x = self._eval_data.batch(0)["image"][:8]
-    return [x, np.clip(np.asarray(self._reconstruct(state.ema_params, x)), -1, 1)]
+    x = self._eval_data.batch(0)["image"][:8]  # the same on every process
+    recon = self._reconstruct(state.ema_params, jax.device_put(x, parallel.replicated(self.mesh)))
+    return [x, np.clip(recon_lib.to_host(recon), -1, 1)]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
