@@ -10,7 +10,8 @@ For each image size and dtype it measures, in one run:
 FLOPs come from XLA's cost analysis of each compiled program; utilisation is
 FLOPs / step time / the measured peak.
 
-Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4]``
+Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4] [--repeats 3]``
+(each case runs once to warm up, then ``repeats`` timed times; the best is kept).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
   parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
   print(f"f16-d4 tokenizer, batch {args.batch}, {jax.device_count()} {jax.default_backend()} device(s), "
         f"jax {jax.__version__}")
@@ -90,7 +92,7 @@ def main() -> None:
       cases.append(("full G step (LPIPS + GAN)", full, (state, {"image": x}, jax.random.key(1))))
       for name, fn, fargs in cases:
         fl = flops(fn, *fargs)
-        t = timed(fn, *fargs)
+        t = timed(fn, *fargs, repeats=args.repeats)
         print(f"  {size}x{size} {name:28s} {t:8.2f} s  {args.batch / t:7.2f} images/s  "
               f"{fl / 1e9:9.1f} GFLOP  {100 * fl / t / peak:5.1f}% of peak")
 
