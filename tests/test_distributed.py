@@ -47,7 +47,9 @@ def test_tokenizer_trains_and_evaluates_over_two_processes(tmp_path):
   config = REPO / "configs" / "ifsq_f16_d4.py"
   flags = [f"--config={config}:tiny", "--config.data.image_size=16", "--config.train.num_steps=3",
            "--config.loss.disc_start=1", "--config.data.eval_examples=20", "--config.train.log_every=1",
-           "--config.checkpoint.every=3", "--config.mesh.data=4", "--config.mesh.fsdp=2"]
+           "--config.checkpoint.every=3", "--config.mesh.data=4", "--config.mesh.fsdp=2",
+           "--config.model.hidden_size_mult=(1,1)", "--config.model.downsample=(True,False)",
+           "--config.model.upsample=(False,True)", "--config.loss.disc_layers=1", "--config.loss.disc_ndf=8"]
   port = _free_port()
   work = tmp_path / "two"
   procs = [subprocess.Popen(
