@@ -16,9 +16,11 @@ evaluation (spec 2.9):
   split, and for FSQ each channel's level usage and entropy.
 
 Means are over images (the reference averages per-batch means, so its last
-partial batch weighs like a full one). Shards of devices and processes merge
-exactly: :meth:`ReconstructionMetrics.allgather` sums float64 totals, feature
-statistics and code counts over processes.
+partial batch weighs like a full one). Batches are global arrays sharded over
+devices and processes; every process gathers each batch's per-image results, so
+the float64 totals, feature statistics and code counts are exact and the same on
+every process. Codebooks of more than ``MAX_COUNTED_CODES`` codes per index
+column (factorize them with groups) get no code usage.
 
 B batch, H W image size, D code width, N tokens.
 """
