@@ -188,6 +188,10 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
     while step < t.num_steps:
       batch = parallel.global_batch(next(data), mesh)
       state, metrics = steps[trainer.step_kind(step)](state, batch, step_key)
+      if jax.process_count() > 1:
+        # A step still running while the next cross-process collective (the stop flag, evaluation) is
+        # dispatched can deadlock the CPU collectives; with several processes, steps do not run ahead.
+        jax.block_until_ready((state, metrics))
       step += 1
       host.add(step, metrics)  # fetched lazily: the device runs ahead
       stop = flag.requested()
