@@ -38,6 +38,7 @@ from etils import epath
 
 from ifsq_jax import config_lib, parallel
 from ifsq_jax.data import pipeline as pipeline_lib
+from ifsq_jax.tools import cli
 from ifsq_jax.data import sources
 from ifsq_jax.eval.reconstruction import ReconstructionMetrics, evaluate_split
 from ifsq_jax.models.pretrained import LoadedTokenizer, load_tokenizer
@@ -117,12 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--max_examples", type=int, default=0, help="0: the whole split")
   parser.add_argument("--inception", default=None, help="converted FID Inception dir, for rFID")
   parser.add_argument("--raw", action="store_true", help="trained weights instead of the EMA weights")
-  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (several processes)")
-  parser.add_argument("--num_processes", type=int, default=1)
-  parser.add_argument("--process_id", type=int, default=0)
+  cli.add_distributed_flags(parser)
   args = parser.parse_args(argv)
-  if args.num_processes > 1:
-    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  cli.initialize_distributed(args)
   for name in ("image_size", "batch"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)} must be >= 1")

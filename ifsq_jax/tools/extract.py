@@ -31,6 +31,7 @@ import numpy as np
 
 from ifsq_jax import config_lib
 from ifsq_jax.data import pipeline as pipeline_lib
+from ifsq_jax.tools import cli
 from ifsq_jax.data import sources, transforms
 from ifsq_jax.models.pretrained import load_tokenizer
 
@@ -100,12 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--shard_size", type=int, default=1024)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--no_flip", action="store_true")
-  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (several processes)")
-  parser.add_argument("--num_processes", type=int, default=1)
-  parser.add_argument("--process_id", type=int, default=0)
+  cli.add_distributed_flags(parser)
   args = parser.parse_args(argv)
-  if args.num_processes > 1:
-    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  cli.initialize_distributed(args)
   for name in ("image_size", "shard_size", "batch"):
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)} must be >= 1")
