@@ -76,11 +76,21 @@ class Trainer:
 
 
 class _SignalFlag:
-  """Set by SIGTERM / SIGINT; the loop finishes its step, saves and exits."""
+  """Set by SIGTERM / SIGINT; the loop finishes its step, saves and exits.
+
+  With several processes, every process must stop at the same step: each step
+  they agree through the coordination service of ``jax.distributed`` (a barrier
+  and a key per stopping process), not through a device collective, so the check
+  never competes with the train step's own collectives.
+  """
+
+  _instances = 0  # every process creates its flags in the same order: a shared run id
 
   def __init__(self):
     self.signum = None
     self._previous = {}
+    self._run = _SignalFlag._instances
+    _SignalFlag._instances += 1
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -91,16 +101,29 @@ class _SignalFlag:
     logging.warning("Received %s: finishing the current step, saving a checkpoint and exiting.",
                     signal.Signals(signum).name)
 
-  def requested(self) -> bool:
+  def requested(self, step: int) -> bool:
+    """Whether any process received a signal; all processes must call it at the same steps."""
     flag = self.signum is not None
-    if jax.process_count() > 1:  # every process must stop at the same step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    if jax.process_count() > 1:
+      flag = _any_process(flag, f"ifsq_jax/stop/{self._run}/{step}")
     return flag
 
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _any_process(flag: bool, tag: str, timeout_s: int = 3600) -> bool:
+  """True on every process if ``flag`` is True on any; ``tag`` must be new for each call."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None:  # processes set up without jax.distributed's coordination service
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+  if flag:
+    client.key_value_set(f"{tag}/{jax.process_index()}", "1")
+  client.wait_at_barrier(tag, timeout_s * 1000)
+  return bool(client.key_value_dir_get(f"{tag}/"))
 
 
 def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
@@ -188,13 +211,9 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
     while step < t.num_steps:
       batch = parallel.global_batch(next(data), mesh)
       state, metrics = steps[trainer.step_kind(step)](state, batch, step_key)
-      if jax.process_count() > 1:
-        # A step still running while the next cross-process collective (the stop flag, evaluation) is
-        # dispatched can deadlock the CPU collectives; with several processes, steps do not run ahead.
-        jax.block_until_ready((state, metrics))
       step += 1
       host.add(step, metrics)  # fetched lazily: the device runs ahead
-      stop = flag.requested()
+      stop = flag.requested(step)
       if step % t.log_every == 0 or step == t.num_steps or stop:
         scalars = host.flush()
         now = time.time()
@@ -212,15 +231,22 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
             f"at step {step}; stopping. Checkpoints in {ckpt.directory} hold only finite states "
             f"(newest: {ckpt.steps[-1] if ckpt.steps else 'none'}).")
       final = step == t.num_steps
-      if (t.eval_every and step % t.eval_every == 0) or final:
+      evaluate = (t.eval_every and step % t.eval_every == 0) or final
+      images = (t.image_every and step % t.image_every == 0) or final
+      save = step % config.checkpoint.every == 0 or final or stop
+      if jax.process_count() > 1 and (evaluate or images or save):
+        # Evaluation, image grids and saves run their own cross-process work; the CPU runtime can
+        # deadlock when that overlaps a step still running, so the step finishes first.
+        jax.block_until_ready((state, metrics))
+      if evaluate:
         scalars = trainer.evaluate(state, step)
         if scalars:
           writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
           if final and jax.process_index() == 0:
             (workdir / "eval.json").write_text(json.dumps({"step": step, **scalars}, indent=2))
-      if (t.image_every and step % t.image_every == 0) or final:
+      if images:
         _write_images(trainer, state, step, workdir, writer)
-      if step % config.checkpoint.every == 0 or final or stop:
+      if save:
         ckpt.save(step, state, data.state(), config_dict)
       if stop:
         logging.warning("Stopped at step %d on request; checkpoint saved.", step)
