@@ -84,12 +84,12 @@ class _SignalFlag:
   never competes with the train step's own collectives.
   """
 
-  _instances = 0  # every process creates its flags in the same order: a shared run id
+  _instances = 0  # every process creates its flags in the same order: an id shared by the processes
 
   def __init__(self):
     self.signum = None
     self._previous = {}
-    self._run = _SignalFlag._instances
+    self.run_id = _SignalFlag._instances
     _SignalFlag._instances += 1
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,7 +105,7 @@ class _SignalFlag:
     """Whether any process received a signal; all processes must call it at the same steps."""
     flag = self.signum is not None
     if jax.process_count() > 1:
-      flag = _any_process(flag, f"ifsq_jax/stop/{self._run}/{step}")
+      flag = _any_process(flag, f"ifsq_jax/stop/{self.run_id}/{step}")
     return flag
 
   def restore(self):
@@ -113,10 +113,14 @@ class _SignalFlag:
       signal.signal(sig, handler)
 
 
+def _coordination_client():
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
 def _any_process(flag: bool, tag: str, timeout_s: int = 3600) -> bool:
   """True on every process if ``flag`` is True on any; ``tag`` must be new for each call."""
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  client = distributed.global_state.client
+  client = _coordination_client()
   if client is None:  # processes set up without jax.distributed's coordination service
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
@@ -124,6 +128,37 @@ def _any_process(flag: bool, tag: str, timeout_s: int = 3600) -> bool:
     client.key_value_set(f"{tag}/{jax.process_index()}", "1")
   client.wait_at_barrier(tag, timeout_s * 1000)
   return bool(client.key_value_dir_get(f"{tag}/"))
+
+
+def _barrier(tag: str, timeout_s: int = 3600) -> None:
+  """Waits until every process reaches ``tag`` (new for each call); a no-op for one process."""
+  client = _coordination_client()
+  if jax.process_count() > 1 and client is not None:
+    client.wait_at_barrier(tag, timeout_s * 1000)
+
+
+class _Steps:
+  """The jitted step functions; with several processes each is compiled ahead of its first run.
+
+  The CPU collectives (gloo) give a process 30 s to meet its peers the first time
+  a program uses a group of devices. A program compiled on first call can take
+  longer than that on a busy host, and compilation time differs between
+  processes, so with several processes every step function is compiled, then all
+  processes meet at a barrier, then it runs.
+  """
+
+  def __init__(self, steps: dict[str, Callable], run_id: int):
+    self._steps = steps
+    self._compiled = {}
+    self._run_id = run_id
+
+  def __call__(self, kind: str, state, batch, key):
+    if jax.process_count() == 1:
+      return self._steps[kind](state, batch, key)
+    if kind not in self._compiled:
+      self._compiled[kind] = self._steps[kind].lower(state, batch, key).compile()
+      _barrier(f"ifsq_jax/compiled/{self._run_id}/{kind}")
+    return self._compiled[kind](state, batch, key)
 
 
 def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
@@ -200,9 +235,9 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
       logging.info("Initialised parameters from %s", config.checkpoint.init_from)
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
-  steps = {name: _jit_step(fn, shardings, mesh) for name, fn in trainer.train_steps().items()}
-  writer = writers.create_writer(workdir)
   flag = _SignalFlag()
+  steps = _Steps({name: _jit_step(fn, shardings, mesh) for name, fn in trainer.train_steps().items()}, flag.run_id)
+  writer = writers.create_writer(workdir)
   config_dict = config.to_dict()
   host = _HostMetrics(int(state.nonfinite_run), t.max_nonfinite_steps)
   examples_per_step = t.global_batch_size
@@ -210,7 +245,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   try:
     while step < t.num_steps:
       batch = parallel.global_batch(next(data), mesh)
-      state, metrics = steps[trainer.step_kind(step)](state, batch, step_key)
+      state, metrics = steps(trainer.step_kind(step), state, batch, step_key)
       step += 1
       host.add(step, metrics)  # fetched lazily: the device runs ahead
       stop = flag.requested(step)
@@ -235,9 +270,10 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
       images = (t.image_every and step % t.image_every == 0) or final
       save = step % config.checkpoint.every == 0 or final or stop
       if jax.process_count() > 1 and (evaluate or images or save):
-        # Evaluation, image grids and saves run their own cross-process work; the CPU runtime can
-        # deadlock when that overlaps a step still running, so the step finishes first.
+        # Evaluation, image grids and saves run their own cross-process programs: they start together
+        # (see _Steps) and never overlap a step still running.
         jax.block_until_ready((state, metrics))
+        _barrier(f"ifsq_jax/after_step/{flag.run_id}/{step}")
       if evaluate:
         scalars = trainer.evaluate(state, step)
         if scalars:
