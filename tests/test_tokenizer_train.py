@@ -3,10 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import ifsq_jax
 from conftest import apply_overrides, read_metrics
 from ifsq_jax import parallel
+from ifsq_jax.losses import gan
+from ifsq_jax.models.tokenizer import conv_out
 from ifsq_jax.train import tokenizer
 
 
@@ -62,6 +65,41 @@ def test_generator_and_discriminator_steps_update_only_their_own_side():
   assert all(np.array_equal(a, b) for a, b in zip(_leaves(d.params["gen"]), _leaves(g.params["gen"])))
   assert all(np.array_equal(a, b) for a, b in zip(_leaves(d.ema_params), _leaves(g.ema_params)))
   assert not all(np.array_equal(a, b) for a, b in zip(_leaves(d.params["disc"]), _leaves(g.params["disc"])))
+
+
+@pytest.mark.parametrize("bottleneck", ["ifsq", "vq"])
+def test_one_pullback_gives_the_gradients_of_the_written_out_loss(bottleneck):
+  """The generator's gradients equal autodiff of nll + w_b * bottleneck + lambda * g (lambda constant)."""
+  cfg = tiny_config(**{"model.bottleneck": bottleneck, "model.vq_codebook_size": 16, "loss.kl_weight": 0.1,
+                       "loss.codebook_weight": 0.5})
+  trainer = tokenizer.TokenizerTrainer(cfg, parallel.make_mesh(1, 1, 1, jax.devices()[:1]))
+  state = jax.jit(trainer.init_state)(jax.random.key(0))
+  batch = {"image": jnp.asarray(trainer._eval_data.batch(0)["image"])}
+  rng = jax.random.key(3)
+  disc_vars = {"params": state.params["disc"], "batch_stats": state.extra["disc_stats"]}
+  d = lambda r: trainer.disc.apply(disc_vars, r, train=True, mutable=["batch_stats"])[0]
+  w_b = {"vq": 0.5, "kl": 0.1}.get(bottleneck, 0.0)
+
+  def written_out(gen):
+    (recon, bottleneck_loss), (_, feats) = trainer._generator(gen, batch["image"], rng)
+    nll = trainer._nll(batch["image"], recon)[0]
+    g = gan.generator_loss(d(recon))
+    f, b = jax.lax.stop_gradient(feats), gen["decoder"]["conv_out"]["bias"]
+    last = lambda loss: jax.grad(lambda w: loss(conv_out(f, w, b)))(gen["decoder"]["conv_out"]["kernel"])
+    lam = gan.adaptive_weight(last(lambda r: trainer._nll(batch["image"], r)[0]),
+                              last(lambda r: gan.generator_loss(d(r))), 0.5)
+    return nll + w_b * bottleneck_loss + lam * g, lam
+
+  (want, want_lam), want_grads = jax.jit(jax.value_and_grad(written_out, has_aux=True))(state.params["gen"])
+  got, grads, metrics, _ = jax.jit(lambda p: trainer.generator_loss_and_grads(p, batch, rng, state, True))(
+      state.params["gen"])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(metrics["adaptive_weight"], want_lam, rtol=1e-4)
+  if bottleneck != "ifsq":
+    assert float(metrics["bottleneck_loss"]) > 0
+  scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(want_grads))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * scale)
 
 
 def test_training_resumes_and_load_tokenizer_opens_the_work_dir(tmp_path):

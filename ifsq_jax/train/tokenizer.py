@@ -175,38 +175,55 @@ class TokenizerTrainer(loop.Trainer):
     p = self.lpips.apply(self.lpips_params, x, recon)
     return jnp.mean(rec) + self.config.loss.perceptual_weight * jnp.mean(p), jnp.mean(rec), jnp.mean(p)
 
-  def _gen_loss(self, gen, batch, rng, state, with_gan):
-    l = self.config.loss
-    x = batch["image"]
+  def _generator(self, gen, x, rng):
+    """(reconstruction, bottleneck loss) as a function of the generator's parameters; aux (encoding, features)."""
     enc = self.model.apply({"params": gen}, x, train=True, rngs={"sample": rng, "dropout": rng},
                            method=Tokenizer.encode)
     feats = self.model.apply({"params": gen}, enc.codes, train=True, rngs={"dropout": rng},
                              method=Tokenizer.decode_features)
-    w, b = gen["decoder"]["conv_out"]["kernel"], gen["decoder"]["conv_out"]["bias"]
-    recon = conv_out(feats, w, b)
-    nll, rec, perceptual = self._nll(x, recon)
-    metrics = {"rec_loss": rec, "lpips": perceptual, "nll": nll}
-    total = nll
-    if self.cfg.bottleneck == "vq":
-      total = total + l.codebook_weight * enc.loss
-    elif self.cfg.bottleneck == "kl":
-      total = total + l.kl_weight * enc.loss
-    metrics["bottleneck_loss"] = enc.loss
+    recon = conv_out(feats, gen["decoder"]["conv_out"]["kernel"], gen["decoder"]["conv_out"]["bias"])
+    return (recon, jnp.asarray(enc.loss, jnp.float32)), (enc, feats)
+
+  def generator_loss_and_grads(self, gen, batch, rng, state, with_gan):
+    """The generator's loss, its gradients, metrics and the discriminator's updated BatchNorm statistics.
+
+    Every loss term depends on the parameters through the reconstruction (and the
+    bottleneck loss), so the losses are differentiated at the reconstruction once
+    and pulled back through the generator once. The adaptive weight reuses the
+    same reconstruction gradients at the decoder's last conv, instead of two more
+    backward passes through LPIPS and the discriminator; the gradients equal those
+    of ``nll + w_b * bottleneck + lambda * g`` with ``lambda`` held constant.
+
+    Returns:
+      (total loss, gradients like ``gen``, metrics, disc batch statistics).
+    """
+    l = self.config.loss
+    x = batch["image"]
+    (recon, bottleneck), pullback, (enc, feats) = jax.vjp(lambda p: self._generator(p, x, rng), gen, has_aux=True)
+
+    def nll_fn(r):
+      nll, rec, perceptual = self._nll(x, r)
+      return nll, (rec, perceptual)
+
+    (nll, (rec, perceptual)), d_recon = jax.value_and_grad(nll_fn, has_aux=True)(recon)
+    metrics = {"rec_loss": rec, "lpips": perceptual, "nll": nll, "bottleneck_loss": bottleneck}
+    w_b = {"vq": l.codebook_weight, "kl": l.kl_weight}.get(self.cfg.bottleneck, 0.0)
+    total = nll + w_b * bottleneck
     disc_stats = state.extra["disc_stats"]
     if with_gan:
-      def d_fake(recon_):
-        logits, upd = self.disc.apply({"params": state.params["disc"], "batch_stats": disc_stats}, recon_,
+      def g_fn(r):
+        logits, upd = self.disc.apply({"params": state.params["disc"], "batch_stats": disc_stats}, r,
                                       train=True, mutable=["batch_stats"])
-        return logits, upd["batch_stats"]
+        return gan.generator_loss(logits), (logits, upd["batch_stats"])
 
-      logits_fake, disc_stats = d_fake(recon)
-      g = gan.generator_loss(logits_fake)
-      f_sg = jax.lax.stop_gradient(feats)
-      nll_grad = jax.grad(lambda w_: self._nll(x, conv_out(f_sg, w_, b))[0])(w)
-      g_grad = jax.grad(lambda w_: gan.generator_loss(d_fake(conv_out(f_sg, w_, b))[0]))(w)
-      lam = gan.adaptive_weight(nll_grad, g_grad, l.disc_weight)
+      (g, (logits_fake, disc_stats)), d_g = jax.value_and_grad(g_fn, has_aux=True)(recon)
+      dec = gen["decoder"]["conv_out"]
+      last_layer = jax.vjp(lambda w_: conv_out(jax.lax.stop_gradient(feats), w_, dec["bias"]), dec["kernel"])[1]
+      lam = gan.adaptive_weight(last_layer(d_recon)[0], last_layer(d_g)[0], l.disc_weight)
       total = total + lam * l.disc_factor * g
+      d_recon = d_recon + lam * l.disc_factor * d_g
       metrics.update(g_loss=g, adaptive_weight=lam, logits_fake=jnp.mean(logits_fake))
+    grads = pullback((d_recon, jnp.asarray(w_b, jnp.float32)))[0]
     latent = jax.lax.stop_gradient(enc.codes).reshape(-1, enc.codes.shape[-1])
     for i in range(latent.shape[-1]):
       metrics[f"latent_mean/{i}"] = jnp.mean(latent[:, i])
@@ -218,15 +235,15 @@ class TokenizerTrainer(loop.Trainer):
       for i, e in enumerate(enc.stats["channel_entropy_bits"][:8]):
         metrics[f"codes/entropy_bits/{i}"] = e
     metrics["total_loss"] = total
-    return total, (metrics, disc_stats)
+    return total, grads, metrics, disc_stats
 
   def train_steps(self):
     l = self.config.loss
 
     def gen_step(state, batch, key, with_gan):
       rng = jax.random.fold_in(key, state.step)
-      fn = lambda p: self._gen_loss(p, batch, rng, state, with_gan)
-      (loss, (metrics, disc_stats)), grads = jax.value_and_grad(fn, has_aux=True)(state.params["gen"])
+      loss, grads, metrics, disc_stats = self.generator_loss_and_grads(state.params["gen"], batch, rng, state,
+                                                                      with_gan)
       updates, opt = self.tx_gen.update(grads, state.opt_state["gen"], state.params["gen"])
       gen = optax.apply_updates(state.params["gen"], updates)
       new = state.replace(step=state.step + 1, params={**state.params, "gen": gen},
