@@ -11,7 +11,9 @@ FLOPs come from XLA's cost analysis of each compiled program; utilisation is
 FLOPs / step time / the measured peak.
 
 Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4] [--repeats 3]``
-(each case runs once to warm up, then ``repeats`` timed times; the best is kept).
+(each case runs once to warm up, then ``repeats`` timed times; the best is kept). Freed host memory
+is kept in the process as the entry points do (``ifsq_jax.host_memory``); run with
+``IFSQ_JAX_KEEP_FREED_MEMORY=0`` for glibc's default.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ifsq_jax import parallel
+from ifsq_jax import host_memory, parallel
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from ifsq_jax.train import tokenizer as trainer_lib
 
@@ -59,8 +61,9 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
+  kept = host_memory.keep_freed_memory()  # as the entry points do; IFSQ_JAX_KEEP_FREED_MEMORY=0 to compare
   print(f"f16-d4 tokenizer, batch {args.batch}, {jax.device_count()} {jax.default_backend()} device(s), "
-        f"jax {jax.__version__}")
+        f"jax {jax.__version__}, freed host memory kept: {kept}")
   for dtype_name in args.dtypes:
     dtype = jnp.dtype(dtype_name)
     peak = matmul_peak(dtype)

@@ -17,7 +17,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ifsq_jax import checkpoint, config_lib, data
+from ifsq_jax import checkpoint, config_lib, data, host_memory
 from ifsq_jax.train import loop, registry
 
 FLAGS = flags.FLAGS
@@ -56,6 +56,7 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.keep_freed_memory()  # before JAX starts its threads
   for handler in logging.getLogger().handlers:
     handler.addFilter(_quiet_orbax)
   initialize_distributed()

@@ -29,7 +29,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from ifsq_jax import config_lib
+from ifsq_jax import config_lib, host_memory
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.tools import cli
 from ifsq_jax.data import sources, transforms
@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--no_flip", action="store_true")
   cli.add_distributed_flags(parser)
   args = parser.parse_args(argv)
+  host_memory.keep_freed_memory()  # before JAX starts its threads
   cli.initialize_distributed(args)
   for name in ("image_size", "shard_size", "batch"):
     if getattr(args, name) < 1:
