@@ -11,14 +11,14 @@ FLOPs come from XLA's cost analysis of each compiled program; utilisation is
 FLOPs / step time / the measured peak.
 
 Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4] [--repeats 3]``
-(each case runs once to warm up, then ``repeats`` timed times; the best is kept). Freed host memory
-is kept in the process as the entry points do (``ifsq_jax.host_memory``); run with
-``IFSQ_JAX_KEEP_FREED_MEMORY=0`` for glibc's default.
+(each case runs twice to warm up, then ``repeats`` timed times; the best is kept). With
+``IFSQ_JAX_KEEP_FREED_MEMORY=1`` freed host memory is kept in the process (``ifsq_jax.host_memory``).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import jax
@@ -31,14 +31,17 @@ from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from ifsq_jax.train import tokenizer as trainer_lib
 
 
-def timed(fn, *args, repeats: int = 3) -> float:
-  jax.block_until_ready(fn(*args))
+def timed(fn, *args, repeats: int = 3) -> tuple[float, float]:
+  """(best wall seconds, kernel seconds per run on average); two warm-up runs first."""
+  for _ in range(2):  # compilation, then the allocator settling (kept memory reaches its peak)
+    jax.block_until_ready(fn(*args))
   best = float("inf")
+  sys_start = resource.getrusage(resource.RUSAGE_SELF).ru_stime
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - start)
-  return best
+  return best, (resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys_start) / repeats
 
 
 def flops(jitted, *args) -> float:
@@ -51,7 +54,7 @@ def matmul_peak(dtype) -> float:
   n = 2048
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-  return 2 * n**3 / timed(f, a, a, repeats=5)
+  return 2 * n**3 / timed(f, a, a, repeats=5)[0]
 
 
 def main() -> None:
@@ -61,7 +64,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  kept = host_memory.keep_freed_memory()  # as the entry points do; IFSQ_JAX_KEEP_FREED_MEMORY=0 to compare
+  kept = host_memory.from_env()  # IFSQ_JAX_KEEP_FREED_MEMORY=1 keeps freed host memory (ifsq_jax.host_memory)
   print(f"f16-d4 tokenizer, batch {args.batch}, {jax.device_count()} {jax.default_backend()} device(s), "
         f"jax {jax.__version__}, freed host memory kept: {kept}")
   for dtype_name in args.dtypes:
@@ -95,9 +98,9 @@ def main() -> None:
       cases.append(("full G step (LPIPS + GAN)", full, (state, {"image": x}, jax.random.key(1))))
       for name, fn, fargs in cases:
         fl = flops(fn, *fargs)
-        t = timed(fn, *fargs, repeats=args.repeats)
+        t, kernel = timed(fn, *fargs, repeats=args.repeats)
         print(f"  {size}x{size} {name:28s} {t:8.2f} s  {args.batch / t:7.2f} images/s  "
-              f"{fl / 1e9:9.1f} GFLOP  {100 * fl / t / peak:5.1f}% of peak")
+              f"{fl / 1e9:9.1f} GFLOP  {100 * fl / t / peak:5.1f}% of peak  (kernel time {kernel:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from conftest import subprocess_env
 SCRIPT = """
 import resource
 from ifsq_jax import host_memory
-print("set", host_memory.keep_freed_memory())
+print("set", host_memory.from_env())
 import jax, jax.numpy as jnp
 f = jax.jit(lambda a: jnp.sum(jnp.tanh(jnp.tanh(a @ a) @ a)))  # 36 MiB temporaries
 x = jnp.ones((3072, 3072), jnp.float32) / 3072
