@@ -56,7 +56,7 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  host_memory.from_env()  # before JAX starts its threads
+  host_memory.setup()  # before JAX starts its threads and reads XLA_FLAGS
   for handler in logging.getLogger().handlers:
     handler.addFilter(_quiet_orbax)
   initialize_distributed()

@@ -1,9 +1,12 @@
-"""keep_freed_memory: a program's large buffers are reused instead of faulted in again every run."""
+"""host_memory: XLA's memory-optimised CPU scheduler, and large buffers reused instead of faulted in again."""
 
+import os
 import subprocess
 import sys
 
 from conftest import subprocess_env
+
+from ifsq_jax import host_memory
 
 SCRIPT = """
 import resource
@@ -36,3 +39,45 @@ def test_kept_memory_is_not_faulted_in_again():
   assert set_off == "False" and set_on == "True"
   assert faults_off > 100_000, faults_off  # matmul temporaries of 36 MiB: fresh pages every run
   assert faults_on < faults_off / 10, (faults_on, faults_off)
+
+
+SCHEDULER_SCRIPT = """
+import ifsq_jax.main  # all the entry point imports, before its setup
+from ifsq_jax import host_memory
+host_memory.setup()
+import jax, jax.numpy as jnp
+
+def branches(x, w):  # eight independent products of 1 MiB
+  return sum(jnp.sum(jnp.tanh(x @ w[i]) @ x) for i in range(8))
+
+x, w = jax.ShapeDtypeStruct((512, 512), jnp.float32), jax.ShapeDtypeStruct((8, 512, 512), jnp.float32)
+print(jax.jit(branches).lower(x, w).compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
+def _temporaries(xla_flags: str) -> int:
+  env = subprocess_env(1)
+  env["XLA_FLAGS"] += xla_flags
+  out = subprocess.run([sys.executable, "-c", SCHEDULER_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return int(out.stdout.split()[-1])
+
+
+def test_setup_selects_the_memory_optimised_scheduler_and_keeps_an_explicit_choice():
+  mib = 2**20
+  chosen = _temporaries("")
+  concurrent = _temporaries(" --xla_cpu_enable_concurrency_optimized_scheduler=true")
+  assert concurrent >= 8 * mib, concurrent  # all eight products live at once
+  assert chosen <= 3 * mib, chosen  # one or two at a time
+
+
+def test_use_memory_scheduler_adds_the_flag_once_and_only_for_cpu(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+  assert not host_memory.use_memory_scheduler()
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory.use_memory_scheduler()
+  assert not host_memory.use_memory_scheduler()
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                     "--xla_cpu_enable_concurrency_optimized_scheduler=false")

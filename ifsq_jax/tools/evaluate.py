@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--raw", action="store_true", help="trained weights instead of the EMA weights")
   cli.add_distributed_flags(parser)
   args = parser.parse_args(argv)
-  host_memory.from_env()  # before JAX starts its threads
+  host_memory.setup()  # before JAX starts its threads and reads XLA_FLAGS
   cli.initialize_distributed(args)
   for name in ("image_size", "batch"):
     if getattr(args, name) is not None and getattr(args, name) < 1:

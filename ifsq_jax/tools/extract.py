@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--no_flip", action="store_true")
   cli.add_distributed_flags(parser)
   args = parser.parse_args(argv)
-  host_memory.from_env()  # before JAX starts its threads
+  host_memory.setup()  # before JAX starts its threads and reads XLA_FLAGS
   cli.initialize_distributed(args)
   for name in ("image_size", "shard_size", "batch"):
     if getattr(args, name) < 1:
