@@ -24,7 +24,7 @@ by the kernel. For the f16-d4 tokenizer's full generator step (128x128, batch 4,
 for large blocks, no trimming. Later steps then reuse the same pages. The price
 is memory: the process's resident size never shrinks and fragments above the
 default's peak (9.1 GiB against 7.5 GiB in the case above, 11.1 against 9.7 GiB
-at 256x256; with the default scheduler, 15.3 against 11.4 GiB). So it is opt-in:
+at 256x256; with XLA's scheduler, 15.3 against 11.4 GiB). So it is opt-in:
 :func:`setup` calls :func:`from_env`, which turns it on when
 ``IFSQ_JAX_KEEP_FREED_MEMORY=1``.
 """
