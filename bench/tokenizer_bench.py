@@ -15,8 +15,9 @@ inflate it). Programs are compiled as the entry points compile them
 
 Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4] [--repeats 3]
 [--scheduler memory|concurrency]``
-(each case runs twice to warm up, then ``repeats`` timed times; the best is kept). With
-``IFSQ_JAX_KEEP_FREED_MEMORY=1`` freed host memory is kept in the process (``ifsq_jax.host_memory``).
+(each case runs twice to warm up, then ``repeats`` timed times; the best is kept).
+Freed host memory is kept in the process, as the entry points do on CPU; ``IFSQ_JAX_KEEP_FREED_MEMORY=0``
+measures glibc's own settings (``ifsq_jax.host_memory``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.scheduler == "concurrency":
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_concurrency_optimized_scheduler=true"
-  kept = host_memory.setup()  # as the entry points; IFSQ_JAX_KEEP_FREED_MEMORY=1 keeps freed host memory
+  kept = host_memory.setup()  # as the entry points; IFSQ_JAX_KEEP_FREED_MEMORY=0 gives freed memory back
   print(f"f16-d4 tokenizer, batch {args.batch}, {jax.device_count()} {jax.default_backend()} device(s), "
         f"jax {jax.__version__}, freed host memory kept: {kept}, {args.scheduler} scheduler")
   for dtype_name in args.dtypes:

@@ -16,17 +16,17 @@ frees them when it ends: gigabytes for a tokenizer training step. By default
 glibc hands blocks that large back to the operating system (``mmap``, trimming,
 per-thread arenas), so every step faults all of their pages in again, zero-filled
 by the kernel. For the f16-d4 tokenizer's full generator step (128x128, batch 4,
-2 cores) that is about 0.5 million page faults and 2-4 s of kernel time per step
-(1.5 million and 6-8 s with XLA's default scheduler): 13.9 s a step, against
-11.4 s once freed memory is kept.
+2 cores) that is about 0.5 million page faults and 3-6 s of kernel time per step
+(1.5 million and 6-8 s with XLA's default scheduler): 12.5 s a step, against
+9.7 s once freed memory is kept.
 
 :func:`keep_freed_memory` sets glibc to keep it: one malloc arena, no ``mmap``
 for large blocks, no trimming. Later steps then reuse the same pages. The price
 is memory: the process's resident size never shrinks and fragments above the
-default's peak (9.1 GiB against 7.5 GiB in the case above, 11.1 against 9.7 GiB
-at 256x256; with XLA's scheduler, 15.3 against 11.4 GiB). So it is opt-in:
-:func:`setup` calls :func:`from_env`, which turns it on when
-``IFSQ_JAX_KEEP_FREED_MEMORY=1``.
+peak under glibc's own settings (9.1 GiB against 7.5 GiB in the case above, 11.1 against 9.7 GiB
+at 256x256; with XLA's scheduler, 15.3 against 11.4 GiB). :func:`setup` calls
+:func:`from_env`, which keeps freed memory for CPU runs unless
+``IFSQ_JAX_KEEP_FREED_MEMORY=0`` (and, with ``=1``, on accelerator hosts too).
 """
 
 from __future__ import annotations
@@ -80,8 +80,21 @@ def _runs_on_cpu() -> bool:
 
 
 def from_env() -> bool:
-  """:func:`keep_freed_memory` when the environment variable ``IFSQ_JAX_KEEP_FREED_MEMORY`` is ``1``."""
-  return os.environ.get(ENV, "0") == "1" and keep_freed_memory()
+  """:func:`keep_freed_memory` unless ``IFSQ_JAX_KEEP_FREED_MEMORY=0``, or the run targets an accelerator.
+
+  ``IFSQ_JAX_KEEP_FREED_MEMORY=1`` keeps freed memory on any platform, ``0``
+  never; unset, it is kept for CPU runs (see :func:`use_memory_scheduler` for
+  how the platform is told).
+
+  Raises:
+    ValueError: the variable is set to something other than ``0`` or ``1``.
+  """
+  value = os.environ.get(ENV, "").strip()
+  if value not in ("", "0", "1"):
+    raise ValueError(f"{ENV}={value!r}: expected 0 (give freed memory back) or 1 (keep it), or unset (keep it on CPU)")
+  if value == "0" or (not value and not _runs_on_cpu()):
+    return False
+  return keep_freed_memory()
 
 
 def keep_freed_memory() -> bool:

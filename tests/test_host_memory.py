@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import subprocess_env
 
 from ifsq_jax import host_memory
@@ -24,21 +25,34 @@ print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(keep: bool) -> tuple[str, int]:
+def _faults(keep: str | None) -> tuple[str, int]:
   env = subprocess_env(1)
-  env["IFSQ_JAX_KEEP_FREED_MEMORY"] = "1" if keep else "0"
+  env.pop("IFSQ_JAX_KEEP_FREED_MEMORY", None)
+  if keep is not None:
+    env["IFSQ_JAX_KEEP_FREED_MEMORY"] = keep
   out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
   return lines["set"], int(lines["faults"])
 
 
-def test_kept_memory_is_not_faulted_in_again():
-  set_off, faults_off = _faults(keep=False)
-  set_on, faults_on = _faults(keep=True)
-  assert set_off == "False" and set_on == "True"
+def test_kept_memory_is_not_faulted_in_again_and_is_the_cpu_default():
+  set_off, faults_off = _faults(keep="0")
+  set_on, faults_on = _faults(keep="1")
+  set_default, faults_default = _faults(keep=None)  # subprocess_env runs on CPU
+  assert (set_off, set_on, set_default) == ("False", "True", "True")
   assert faults_off > 100_000, faults_off  # matmul temporaries of 36 MiB: fresh pages every run
   assert faults_on < faults_off / 10, (faults_on, faults_off)
+  assert faults_default < faults_off / 10, (faults_default, faults_off)
+
+
+def test_from_env_leaves_accelerator_runs_alone_and_rejects_other_values(monkeypatch):
+  monkeypatch.delenv("IFSQ_JAX_KEEP_FREED_MEMORY", raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+  assert not host_memory.from_env()  # returns before touching malloc
+  monkeypatch.setenv("IFSQ_JAX_KEEP_FREED_MEMORY", "yes")
+  with pytest.raises(ValueError, match=r"IFSQ_JAX_KEEP_FREED_MEMORY='yes'.*0.*1"):
+    host_memory.from_env()
 
 
 SCHEDULER_SCRIPT = """
