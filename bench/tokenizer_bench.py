@@ -8,9 +8,10 @@ For each image size and dtype it measures, in one run:
 * the full generator step with LPIPS-VGG and the discriminator (adaptive weight included).
 
 FLOPs come from XLA's cost analysis of each compiled program; utilisation is
-FLOPs / step time / the measured peak (the best of a measurement before and one
-after the cases of that dtype, so a slow moment of a shared machine does not
-inflate it). Programs are compiled as the entry points compile them
+FLOPs / step time / the matmul peak measured right before and right after that
+case (the better of the two, so a slow moment of a shared machine does not
+inflate it; the machine's speed drifts over minutes, so each case is set against
+its own neighbouring peaks). Programs are compiled as the entry points compile them
 (``ifsq_jax.host_memory.setup``: XLA's memory-optimised CPU scheduler).
 
 Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4] [--repeats 3]
@@ -79,7 +80,7 @@ def main() -> None:
         f"jax {jax.__version__}, freed host memory kept: {kept}, {args.scheduler} scheduler")
   for dtype_name in args.dtypes:
     dtype = jnp.dtype(dtype_name)
-    peak_before = matmul_peak(dtype)
+    peaks = [matmul_peak(dtype)]
     rows = []
     for size in args.sizes:
       model = Tokenizer(TokenizerConfig(resolution=size), dtype=dtype)
@@ -109,15 +110,14 @@ def main() -> None:
       for name, fn, fargs in cases:
         fl = flops(fn, *fargs)
         t, kernel = timed(fn, *fargs, repeats=args.repeats)
-        rows.append((f"{size}x{size} {name}", t, fl, kernel))
+        peaks.append(matmul_peak(dtype))
+        rows.append((f"{size}x{size} {name}", t, fl, kernel, max(peaks[-2:])))
         print(f"  ({size}x{size} {name}: {t:.2f} s)", flush=True)
-    peak_after = matmul_peak(dtype)
-    peak = max(peak_before, peak_after)
-    print(f"{dtype_name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s (before {peak_before / 1e9:.0f}, "
-          f"after {peak_after / 1e9:.0f})")
-    for name, t, fl, kernel in rows:
+    print(f"{dtype_name}: measured matmul peaks {', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s "
+          "(before the first case and after each)")
+    for name, t, fl, kernel, peak in rows:
       print(f"  {name:36s} {t:8.2f} s  {args.batch / t:7.2f} images/s  {fl / 1e9:9.1f} GFLOP  "
-            f"{100 * fl / t / peak:5.1f}% of peak  (kernel time {kernel:.2f} s)")
+            f"{100 * fl / t / peak:5.1f}% of {peak / 1e9:.0f} GFLOP/s  (kernel time {kernel:.2f} s)")
 
 
 if __name__ == "__main__":
