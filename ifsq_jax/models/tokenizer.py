@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ifsq_jax.models.conv import Conv
+from ifsq_jax.models.norm import GroupNorm
 from ifsq_jax.quantizers import (FSQ, BottleneckOutput, FSQBottleneck, GaussianBottleneck, IdentityBottleneck,
                                  VectorQuantizer)
 
@@ -84,8 +85,8 @@ def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=padding, dtype=dtype, name=name)
 
 
-def _norm(dtype, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+def _norm(dtype, name: str) -> GroupNorm:
+  return GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)  # nn.GroupNorm's layer, faster on CPU
 
 
 class ResnetBlock(nn.Module):
