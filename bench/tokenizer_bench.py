@@ -14,8 +14,14 @@ inflate it; the machine's speed drifts over minutes, so each case is set against
 its own neighbouring peaks). Programs are compiled as the entry points compile them
 (``ifsq_jax.host_memory.setup``: XLA's memory-optimised CPU scheduler).
 
+With ``--torch``, the same float32 encode + decode and L1 step also run in PyTorch
+on the official architecture (``bench/torch_tokenizer.py``: NCHW, AdamW, as the
+official code), on the same images, right after the JAX cases; their utilisation
+uses the same FLOPs (XLA's count for the JAX program of that case) and their own
+neighbouring peaks, and the JAX / PyTorch speed ratio is printed.
+
 Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4] [--repeats 3]
-[--scheduler memory|concurrency]``
+[--scheduler memory|concurrency] [--torch]``
 (each case runs twice to warm up, then ``repeats`` timed times; the best is kept).
 Freed host memory is kept in the process, as the entry points do on CPU; ``IFSQ_JAX_KEEP_FREED_MEMORY=0``
 measures glibc's own settings (``ifsq_jax.host_memory``).
@@ -26,7 +32,9 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +44,8 @@ import optax
 from ifsq_jax import host_memory, parallel
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from ifsq_jax.train import tokenizer as trainer_lib
+
+TORCH_CASES = ("encode + decode", "L1 training step")
 
 
 def timed(fn, *args, repeats: int = 3) -> tuple[float, float]:
@@ -64,6 +74,39 @@ def matmul_peak(dtype) -> float:
   return 2 * n**3 / timed(f, a, a, repeats=5)[0]
 
 
+def reference_config(cfg: TokenizerConfig) -> dict:
+  """TokenizerConfig -> the official model config (run.json) of the same iFSQ model."""
+  return dict(hidden_size=cfg.hidden_size, hidden_size_mult=list(cfg.hidden_size_mult),
+              num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels, embed_dim=cfg.embed_dim,
+              double_z=cfg.double_z, levels=list(cfg.levels), do_simple_bound=True, act_fun="scale_sigmoid_16",
+              encoder_spatial_downsample=["Downsample" if d else "" for d in cfg.downsample],
+              decoder_spatial_upsample=["Upsample" if u else "" for u in cfg.upsample])
+
+
+def torch_cases(cfg: TokenizerConfig, images: np.ndarray) -> list[tuple[str, Callable[[], float]]]:
+  """The float32 encode + decode and L1 step of the official model in PyTorch, on NHWC ``images``."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_tokenizer  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  model = torch_tokenizer.ImageFSQVAE(reference_config(cfg))
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+
+  def recon() -> float:
+    with torch.no_grad():
+      return float(model(x)[0][0, 0, 0, 0])
+
+  def l1_step() -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = (model(x)[0] - x).abs().mean()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+  return list(zip(TORCH_CASES, (recon, l1_step)))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
@@ -72,7 +115,13 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--scheduler", choices=["memory", "concurrency"], default="memory",
                       help="XLA's CPU scheduler: the entry points' memory-optimised one, or XLA's default")
+  parser.add_argument("--torch", action="store_true",
+                      help="also run the float32 encode + decode and L1 step of the official model in PyTorch")
   args = parser.parse_args()
+  if args.torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
   if args.scheduler == "concurrency":
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_concurrency_optimized_scheduler=true"
   kept = host_memory.setup()  # as the entry points; IFSQ_JAX_KEEP_FREED_MEMORY=0 gives freed memory back
@@ -113,6 +162,15 @@ def main() -> None:
         peaks.append(matmul_peak(dtype))
         rows.append((f"{size}x{size} {name}", t, fl, kernel, max(peaks[-2:])))
         print(f"  ({size}x{size} {name}: {t:.2f} s)", flush=True)
+      if args.torch and dtype == jnp.float32:
+        jax_rows = {r[0]: r for r in rows}
+        for name, fn in torch_cases(model.cfg, np.asarray(x)):
+          t, kernel = timed(fn, repeats=args.repeats)
+          peaks.append(matmul_peak(dtype))
+          jax_t, fl = jax_rows[f"{size}x{size} {name}"][1:3]
+          rows.append((f"{size}x{size} {name}, PyTorch", t, fl, kernel, max(peaks[-2:])))
+          print(f"  ({size}x{size} {name}, PyTorch {torch.__version__}: {t:.2f} s, "
+                f"JAX {t / jax_t:.2f}x as fast)", flush=True)
     print(f"{dtype_name}: measured matmul peaks {', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s "
           "(before the first case and after each)")
     for name, t, fl, kernel, peak in rows:
