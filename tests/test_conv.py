@@ -70,3 +70,17 @@ def test_bad_padding_names_the_value_and_what_is_valid():
     conv.conv2d(x, k, padding="same")
   with pytest.raises(ValueError, match=r"padding=\(\(1, 1\),\).*\(\(top, bottom\), \(left, right\)\)"):
     conv.conv2d(x, k, padding=((1, 1),))
+
+
+def test_no_bias_and_kernel_init_as_nn_conv():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 8))
+  init = nn.initializers.normal(0.02)
+  ours = conv.Conv(16, 4, 2, ((1, 1), (1, 1)), use_bias=False, kernel_init=init)
+  ref = nn.Conv(16, (4, 4), strides=2, padding=((1, 1), (1, 1)), use_bias=False, kernel_init=init)
+  p, q = ours.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
+  assert set(p["params"]) == set(q["params"]) == {"kernel"}
+  np.testing.assert_array_equal(p["params"]["kernel"], q["params"]["kernel"])
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-5, atol=1e-5)
+  gp = jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2))(p)
+  gq = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(p)
+  np.testing.assert_allclose(gp["params"]["kernel"], gq["params"]["kernel"], rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ B batch, H W input size, Ho Wo output size, C input channels, O output channels.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -113,6 +113,8 @@ class Conv(nn.Module):
     kernel_size: Square kernel size k.
     strides: The same stride along both axes.
     padding: ``"SAME"``, ``"VALID"`` or ((top, bottom), (left, right)).
+    use_bias: Whether to add a bias.
+    kernel_init: Kernel initializer (``nn.Conv``'s default).
     dtype: Compute dtype (inputs, kernel and bias are cast to it, as ``nn.Conv``).
   """
 
@@ -120,12 +122,17 @@ class Conv(nn.Module):
   kernel_size: int = 3
   strides: int = 1
   padding: Padding = "SAME"
+  use_bias: bool = True
+  kernel_init: Callable[..., jax.Array] = nn.linear.default_kernel_init
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param("kernel", nn.linear.default_kernel_init, (k, k, x.shape[-1], self.features))
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+    if not self.use_bias:
+      x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+      return conv2d(x, kernel, self.strides, self.padding)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return conv2d(x, kernel, self.strides, self.padding) + bias

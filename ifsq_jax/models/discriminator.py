@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ifsq_jax.models.conv import Conv
+
 
 class BatchNorm(nn.Module):
   """BatchNorm over (B, H, W) with PyTorch's running-variance convention."""
@@ -64,8 +66,8 @@ class PatchDiscriminator(nn.Module):
     init = nn.initializers.normal(0.02)
 
     def conv(features, stride, index, bias):
-      return nn.Conv(features, (4, 4), strides=stride, padding=((1, 1), (1, 1)), use_bias=bias, kernel_init=init,
-                     dtype=self.dtype, name=f"main_{index}")
+      return Conv(features, 4, stride, ((1, 1), (1, 1)), use_bias=bias, kernel_init=init, dtype=self.dtype,
+                  name=f"main_{index}")  # nn.Conv's layer, faster to train on CPU
 
     h = nn.leaky_relu(conv(self.ndf, 2, 0, True)(x.astype(self.dtype)), 0.2)
     index = 2
