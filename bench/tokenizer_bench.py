@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 from typing import Callable
 
@@ -120,7 +119,6 @@ def main() -> None:
   args = parser.parse_args()
   if args.torch:
     import torch  # pylint: disable=g-import-not-at-top
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     torch.set_num_threads(len(os.sched_getaffinity(0)))
   if args.scheduler == "concurrency":
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_concurrency_optimized_scheduler=true"

@@ -130,9 +130,7 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
-    if not self.use_bias:
-      x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-      return conv2d(x, kernel, self.strides, self.padding)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,)) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return conv2d(x, kernel, self.strides, self.padding) + bias
+    y = conv2d(x, kernel, self.strides, self.padding)
+    return y if bias is None else y + bias
