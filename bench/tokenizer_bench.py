@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from ifsq_jax import host_memory, parallel
+from ifsq_jax.models import onednn
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from ifsq_jax.train import tokenizer as trainer_lib
 
@@ -60,8 +61,16 @@ def timed(fn, *args, repeats: int = 3) -> tuple[float, float]:
   return best, (resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys_start) / repeats
 
 
-def flops(jitted, *args) -> float:
-  cost = jitted.lower(*args).compile().cost_analysis()
+def flops(fn, *args) -> float:
+  """XLA's cost-analysis FLOPs of ``fn`` compiled with XLA's own convolutions.
+
+  XLA counts no FLOPs in a foreign (FFI) call, so the oneDNN convolutions are
+  counted as the XLA convolutions they replace: the same arithmetic.
+  """
+  jax.clear_caches()  # retrace: tracing decides which convolutions run
+  with onednn.forced(False):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  jax.clear_caches()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0))
 

@@ -1,4 +1,4 @@
-"""The CPU-fast convolution: nn.Conv's parameters and outputs, XLA's gradients."""
+"""The CPU-fast convolution: nn.Conv's parameters and outputs, XLA's gradients, with and without oneDNN."""
 
 import flax.linen as nn
 import jax
@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ifsq_jax.models import conv
+from ifsq_jax.models import conv, onednn
 
 
+@pytest.mark.parametrize("use_onednn", [False, True], ids=["xla", "onednn"])
 @pytest.mark.parametrize("size,channels,kernel,stride,padding", [
     (64, 32, 3, 1, "SAME"),        # per-tap kernel gradient
     (64, 32, 4, 1, "SAME"),        # even kernel: XLA's uneven SAME split
@@ -20,7 +21,12 @@ from ifsq_jax.models import conv
     (32, 16, 4, 2, ((1, 1), (1, 1))),  # the discriminator's convolutions
     (33, 16, 3, 2, "SAME"),
 ])
-def test_conv_matches_nn_conv_in_init_output_and_gradients(size, channels, kernel, stride, padding):
+def test_conv_matches_nn_conv_in_init_output_and_gradients(size, channels, kernel, stride, padding, use_onednn):
+  with onednn.forced(use_onednn):
+    _check_against_nn_conv(size, channels, kernel, stride, padding)
+
+
+def _check_against_nn_conv(size, channels, kernel, stride, padding):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
   ours = conv.Conv(channels, kernel, stride, padding)
   ref = nn.Conv(channels, (kernel, kernel), strides=stride, padding=padding)

@@ -1,4 +1,9 @@
-"""A 2-D convolution whose kernel gradient is fast on CPU.
+"""A 2-D convolution that is fast on CPU.
+
+On a single CPU device, when oneDNN loads (:mod:`ifsq_jax.models.onednn`), the
+forward pass, the input gradient and the kernel gradient are oneDNN's (float32,
+or bfloat16 on AMX/AVX-512 cores). Otherwise (several devices, other dtypes,
+oneDNN missing) XLA's convolution runs with the kernel gradient below.
 
 XLA's CPU backend computes the kernel gradient of a convolution as another
 convolution, with an image-sized "kernel", which runs far below the matmul peak:
@@ -17,7 +22,7 @@ kernel gradient is a sum over pixels of outer products, taken as matmuls:
   output gradient in one matmul: a longer matmul beats nine short ones there
   ((4, 8, 8, 512) -> 512: 5.5 ms against 6.6 ms for XLA's gradient and 8.7 ms per tap).
 
-Other backends keep XLA's convolution, and the input gradient is XLA's everywhere.
+Other backends keep XLA's convolution; without oneDNN the input gradient is XLA's.
 
 :class:`Conv` is a drop-in for ``nn.Conv(features, (k, k), strides, padding)``:
 same parameter names, shapes and initialisation.
@@ -33,6 +38,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ifsq_jax.models import onednn
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Measured on CPU: up to this many output pixels per image, all taps in one matmul beat one matmul per tap.
@@ -101,6 +108,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = 
     if len(pads) != 2:
       raise ValueError(f"padding={padding!r}: give ((top, bottom), (left, right)).")
   if jax.default_backend() == "cpu":
+    if x.dtype == kernel.dtype and x.dtype in (jnp.float32, jnp.bfloat16) and onednn.usable():
+      return onednn.conv(x, kernel, stride, pads)
     return _conv_matmul_grad(x, kernel, stride, pads)
   return _xla_conv(x, kernel, stride, pads)
 

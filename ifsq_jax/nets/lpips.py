@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ifsq_jax.models.conv import conv2d
 from ifsq_jax.nets import safe_pickle
 
 NETS = ("vgg16", "alexnet")
@@ -40,7 +41,8 @@ class Conv3x3(nn.Module):
 
   On tiny feature maps (VGG16's last stage sees 2 x 2 for 32-pixel inputs) XLA's
   CPU convolution falls to about 2 GFLOP/s; there the conv runs as one matmul over
-  the nine shifted copies of the input (about 100x faster), elsewhere as a conv.
+  the nine shifted copies of the input (about 100x faster), elsewhere as
+  :func:`ifsq_jax.models.conv.conv2d` (oneDNN on a single CPU device).
   """
 
   features: int
@@ -51,7 +53,7 @@ class Conv3x3(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     b, h, w, c = x.shape
     if h * w > 16:
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = conv2d(x, kernel)
     else:
       xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
       cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
