@@ -7,7 +7,9 @@ For each image size and dtype it measures, in one run:
 * an L1-only training step (forward + backward + AdamW), the reference's measured case;
 * the full generator step with LPIPS-VGG and the discriminator (adaptive weight included).
 
-FLOPs come from XLA's cost analysis of each compiled program; utilisation is
+FLOPs come from XLA's cost analysis of each program compiled with XLA's own
+convolutions (the program that runs uses oneDNN's on one CPU device, the same
+arithmetic, and XLA counts no FLOPs in foreign calls); utilisation is
 FLOPs / step time / the matmul peak measured right before and right after that
 case (the better of the two, so a slow moment of a shared machine does not
 inflate it; the machine's speed drifts over minutes, so each case is set against

@@ -102,16 +102,20 @@ def load() -> bool:
 
 
 def usable() -> bool:
-  """Whether CPU convolutions go through oneDNN: it loads, and computations run on a single device.
+  """Whether CPU convolutions go through oneDNN: it loads, and this process has a single device.
 
-  With several devices (simulated CPU devices, or processes), XLA would have to
-  gather a sharded batch for a foreign call, and one process's devices would
-  share the cores between their oneDNN thread teams: XLA's convolutions are used.
+  With several devices in a process (simulated CPU devices) their oneDNN thread
+  teams would share the same cores, and a batch sharded over them would be
+  gathered for each foreign call: XLA's convolutions are used. Processes with one
+  device each (``jax.distributed``) use oneDNN, so per-process work (encoding,
+  extraction) computes the same numbers whatever the number of processes; a
+  computation sharded across such processes gathers each convolution's operands
+  (correct, but slow: set ``IFSQ_JAX_ONEDNN=0`` to train across CPU processes).
   :func:`forced` overrides this while functions are traced.
   """
   if _forced is not None:
     return _forced and load()
-  return jax.device_count() == 1 and load()
+  return jax.local_device_count() == 1 and load()
 
 
 @contextlib.contextmanager
