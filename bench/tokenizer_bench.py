@@ -16,6 +16,9 @@ inflate it; the machine's speed drifts over minutes, so each case is set against
 its own neighbouring peaks). Programs are compiled as the entry points compile them
 (``ifsq_jax.host_memory.setup``: XLA's memory-optimised CPU scheduler).
 
+With ``--xla``, each case is timed again right after with XLA's own
+convolutions (the fallback where oneDNN is not used), and the speed ratio printed.
+
 With ``--torch``, the same float32 encode + decode and L1 step also run in PyTorch
 on the official architecture (``bench/torch_tokenizer.py``: NCHW, AdamW, as the
 official code), on the same images, right after the JAX cases; their utilisation
@@ -23,7 +26,7 @@ uses the same FLOPs (XLA's count for the JAX program of that case) and their own
 neighbouring peaks, and the JAX / PyTorch speed ratio is printed.
 
 Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfloat16] [--batch 4] [--repeats 3]
-[--scheduler memory|concurrency] [--torch]``
+[--scheduler memory|concurrency] [--xla] [--torch]``
 (each case runs twice to warm up, then ``repeats`` timed times; the best is kept).
 Freed host memory is kept in the process, as the entry points do on CPU; ``IFSQ_JAX_KEEP_FREED_MEMORY=0``
 measures glibc's own settings (``ifsq_jax.host_memory``).
@@ -125,6 +128,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--scheduler", choices=["memory", "concurrency"], default="memory",
                       help="XLA's CPU scheduler: the entry points' memory-optimised one, or XLA's default")
+  parser.add_argument("--xla", action="store_true",
+                      help="also time each case with XLA's own convolutions instead of oneDNN's")
   parser.add_argument("--torch", action="store_true",
                       help="also run the float32 encode + decode and L1 step of the official model in PyTorch")
   args = parser.parse_args()
@@ -171,6 +176,15 @@ def main() -> None:
         peaks.append(matmul_peak(dtype))
         rows.append((f"{size}x{size} {name}", t, fl, kernel, max(peaks[-2:])))
         print(f"  ({size}x{size} {name}: {t:.2f} s)", flush=True)
+        if args.xla and onednn.usable():
+          jax.clear_caches()  # retrace: tracing decides which convolutions run
+          with onednn.forced(False):
+            t_xla, kernel = timed(jax.jit(fn), *fargs, repeats=args.repeats)
+          jax.clear_caches()
+          peaks.append(matmul_peak(dtype))
+          rows.append((f"{size}x{size} {name}, XLA convs", t_xla, fl, kernel, max(peaks[-2:])))
+          print(f"  ({size}x{size} {name}, XLA's convolutions: {t_xla:.2f} s, oneDNN {t_xla / t:.2f}x as fast)",
+                flush=True)
       if args.torch and dtype == jnp.float32:
         jax_rows = {r[0]: r for r in rows}
         for name, fn in torch_cases(model.cfg, np.asarray(x)):

@@ -72,7 +72,8 @@ def build() -> pathlib.Path:
     raise FileNotFoundError(f"no C++ compiler: {os.environ.get('CXX') or 'g++'} is not on PATH (set CXX)")
   command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}", f"-I{include}",
              str(SOURCE), f"-L{lib_dir}", "-ldnnl", f"-Wl,-rpath,{lib_dir}"]
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, *command]).encode()).hexdigest()[:16]
+  versions = [jaxlib.__version__, importlib.metadata.version("onednn-cpu-gomp")]
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), *versions, *command]).encode()).hexdigest()[:16]
   out = cache_dir() / f"onednn_conv-{key}.so"
   if out.exists():
     return out
