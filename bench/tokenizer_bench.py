@@ -197,7 +197,7 @@ def main() -> None:
     print(f"{dtype_name}: measured matmul peaks {', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s "
           "(before the first case and after each)")
     for name, t, fl, kernel, peak in rows:
-      print(f"  {name:36s} {t:8.2f} s  {args.batch / t:7.2f} images/s  {fl / 1e9:9.1f} GFLOP  "
+      print(f"  {name:46s} {t:8.2f} s  {args.batch / t:7.2f} images/s  {fl / 1e9:9.1f} GFLOP  "
             f"{100 * fl / t / peak:5.1f}% of {peak / 1e9:.0f} GFLOP/s  (kernel time {kernel:.2f} s)")
 
 
