@@ -1,8 +1,8 @@
 """A 2-D convolution that is fast on CPU.
 
-On a single CPU device, when oneDNN loads (:mod:`ifsq_jax.models.onednn`), the
+In a CPU process with one device, when oneDNN loads (:mod:`ifsq_jax.models.onednn`), the
 forward pass, the input gradient and the kernel gradient are oneDNN's (float32,
-or bfloat16 on AMX/AVX-512 cores). Otherwise (several devices, other dtypes,
+or bfloat16 on AMX/AVX-512 cores). Otherwise (several devices in the process, other dtypes,
 oneDNN missing) XLA's convolution runs with the kernel gradient below.
 
 XLA's CPU backend computes the kernel gradient of a convolution as another

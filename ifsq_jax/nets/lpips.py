@@ -42,7 +42,7 @@ class Conv3x3(nn.Module):
   On tiny feature maps (VGG16's last stage sees 2 x 2 for 32-pixel inputs) XLA's
   CPU convolution falls to about 2 GFLOP/s; there the conv runs as one matmul over
   the nine shifted copies of the input (about 100x faster), elsewhere as
-  :func:`ifsq_jax.models.conv.conv2d` (oneDNN on a single CPU device).
+  :func:`ifsq_jax.models.conv.conv2d` (oneDNN in a CPU process with one device).
   """
 
   features: int
