@@ -13,9 +13,10 @@ Contract fields: ``task``, ``seed``, ``train.num_steps``, ``train.log_every``,
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_collections
 
@@ -28,6 +29,90 @@ DECAY_MASKS = ("all", "matrices")
 
 class ConfigError(ValueError):
   """An invalid configuration; the message names the key and what is valid."""
+
+
+T = TypeVar("T")
+
+
+def _config_value(value: Any) -> Any:
+  """A dataclass field value as a config holds it: sequences become tuples (overridable from the command line)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_config_value(v) for v in value)
+  return value
+
+
+def from_dataclass(obj: Any, exclude: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """A ConfigDict with one field per dataclass field of ``obj`` (``None`` becomes ``()`` for sequences).
+
+  Args:
+    obj: A dataclass instance (a model's architecture).
+    exclude: Fields left out (those the task sets from elsewhere, e.g. the image size).
+  """
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(obj):
+    if f.name not in exclude:
+      value = getattr(obj, f.name)
+      c[f.name] = () if value is None and "tuple" in str(f.type) else _config_value(value)
+  return c
+
+
+def to_dataclass(cls: type[T], group: ml_collections.ConfigDict | dict[str, Any], **overrides: Any) -> T:
+  """``cls(**group, **overrides)``: lists become tuples; keys ``cls`` lacks are a ConfigError naming them.
+
+  Fields missing from ``group`` keep their defaults (configs saved by older versions load).
+  """
+  names = {f.name for f in dataclasses.fields(cls)}
+  values = dict(group.items()) if not isinstance(group, dict) else dict(group)
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ConfigError(f"{cls.__name__} has no fields {unknown}; its fields are {sorted(names)}.")
+  values = {k: _config_value(v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
+            for k, v in values.items()}
+  values.update(overrides)
+  return cls(**values)
+
+
+def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config file's variant string, as big_vision's ``parse_arg``.
+
+  ``parse_variant("bits=3,tiny", bits=4, bound="ifsq", tiny=False)`` gives
+  ``bits=3, bound="ifsq", tiny=True``: ``key=value`` pairs separated by commas,
+  each value converted to the type of its default (a bare ``flag`` sets a bool
+  default to True). An unknown key or a value of the wrong type is a ConfigError
+  listing the valid keys.
+
+  Args:
+    arg: What follows ``:`` in ``--config=configs/x.py:ARG`` (None or "" for none).
+    **defaults: Every valid key with its default value.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, has_value, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      valid = ", ".join(f"{k}={v!r}" if not isinstance(v, bool) else k for k, v in defaults.items())
+      raise ConfigError(f"unknown config variant {key!r} in {arg!r}; valid variants: {valid or 'none'}.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if not has_value:
+        out[key] = True
+        continue
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"config variant {key}={text!r} must be true or false.")
+      out[key] = text.lower() in ("true", "1")
+    elif not has_value:
+      raise ConfigError(f"config variant {key!r} needs a value ({key}=..., default {default!r}).")
+    elif isinstance(default, (int, float)):
+      try:
+        out[key] = type(default)(text)
+      except ValueError:
+        raise ConfigError(f"config variant {key}={text!r} must be a {type(default).__name__}.") from None
+    else:
+      out[key] = text
+  return out
 
 
 def base_config() -> ml_collections.ConfigDict:
