@@ -157,17 +157,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.init_from = ""  # a checkpoint directory to take parameters from (fine-tuning)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "embedded"  # "embedded" | "image_folder" | "tfds"
-  c.data.tfds_name = "imagenet2012"
-  c.data.path = ""  # image folder root (one subfolder per class)
-  c.data.data_dir = ""  # tfds data_dir
-  c.data.manual_dir = ""  # tfds manual_dir (e.g. the ImageNet tar files)
+  c.data.name = "embedded"  # each task lists its datasets (image tasks: IMAGE_DATASETS)
   c.data.train_split = "train"
   c.data.eval_split = "validation"
-  c.data.image_size = 32
-  c.data.transform = "resize_crop_flip"  # see ifsq_jax.data.transforms.TRANSFORMS
-  c.data.eval_examples = 64
   return c
+
+
+def add_image_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the fields of tasks that read images (``config.data.*``); returns ``c``."""
+  d = c.data
+  d.name = "embedded"  # "embedded" | "image_folder" | "tfds"
+  d.tfds_name = "imagenet2012"
+  d.path = ""  # image folder root (one subfolder per class)
+  d.data_dir = ""  # tfds data_dir
+  d.manual_dir = ""  # tfds manual_dir (e.g. the ImageNet tar files)
+  d.image_size = 32
+  d.transform = "resize_crop_flip"  # see ifsq_jax.data.transforms.TRANSFORMS
+  d.eval_examples = 64
+  return c
+
+
+def validate_image_data(config: ml_collections.ConfigDict) -> None:
+  """Checks the fields :func:`add_image_data` adds."""
+  from ifsq_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  d = config.data
+  _require(d.name in DATASETS, f"config.data.name={d.name!r} is not a known dataset; use one of {DATASETS}.")
+  _require(d.image_size >= 8, f"config.data.image_size={d.image_size} must be >= 8.")
+  _require(d.eval_examples >= 1, f"config.data.eval_examples={d.eval_examples} must be >= 1.")
+  _require(d.transform in transforms.TRANSFORMS,
+           f"config.data.transform={d.transform!r} must be one of {tuple(transforms.TRANSFORMS)}.")
+  _require(d.name != "image_folder" or bool(d.path),
+           "config.data.path must name the image folder root when config.data.name='image_folder'.")
+
+
+def require_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[Any, ...]) -> None:
+  """ConfigError unless the dotted ``key`` of ``config`` is one of ``choices``."""
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  _require(node in choices, f"config.{key}={node!r} is not valid; use one of {choices}.")
 
 
 def _type_name(value: Any) -> str:
@@ -224,7 +252,7 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
     process_count: Number of processes (hosts).
   """
   check_against_schema(config, schema)
-  t, o, d, m = config.train, config.optimizer, config.data, config.mesh
+  t, o, m = config.train, config.optimizer, config.mesh
   for key in ("num_steps", "global_batch_size", "grad_accum_steps", "log_every"):
     _require(t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1.")
   for key in ("eval_every", "image_every"):
@@ -239,8 +267,6 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   _require(o.schedule in SCHEDULES, f"config.optimizer.schedule={o.schedule!r} must be one of {SCHEDULES}.")
   _require(o.decay_mask in DECAY_MASKS, f"config.optimizer.decay_mask={o.decay_mask!r} must be one of {DECAY_MASKS}.")
   _require(o.grad_clip_norm >= 0, f"config.optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0: off).")
-  _require(d.name in DATASETS, f"config.data.name={d.name!r} is not a known dataset; use one of {DATASETS}.")
-  _require(d.image_size >= 8, f"config.data.image_size={d.image_size} must be >= 8.")
 
   try:
     shape = parallel.mesh_shape(m.data, m.fsdp, m.tensor, device_count)

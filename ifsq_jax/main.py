@@ -1,6 +1,9 @@
 r"""Entry point: ``python -m ifsq_jax.main --config=configs/<name>.py[:variant] --workdir=DIR``.
 
-Overrides: ``--config.train.num_steps=10``. The same command runs on every host
+Overrides: ``--config.train.num_steps=10``. ``--compile_only`` validates the
+config, compiles every train step the run would use on the devices at hand,
+prints their memory per device (arguments, outputs, temporaries) and exits
+without touching the work dir. The same command runs on every host
 of a multi-host job: ``jax.distributed`` is initialised when
 ``--num_processes`` > 1 is given (with ``--coordinator_address`` and
 ``--process_id``), or automatically on a Cloud TPU pod / SLURM job
@@ -17,7 +20,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ifsq_jax import checkpoint, config_lib, data, host_memory
+from ifsq_jax import checkpoint, config_lib, data, parallel
+from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.train import loop, registry
 
 FLAGS = flags.FLAGS
@@ -28,6 +32,8 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
+flags.DEFINE_bool("compile_only", False, "Compile every train step, print its memory per device and exit; "
+                  "writes nothing.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,11 +71,17 @@ def main(argv):
   config = FLAGS.config
   try:
     task = registry.get(config.task)
-    config_lib.validate(config, task.default_config(), jax.device_count(), jax.process_count())
+    if FLAGS.compile_only:
+      memory = loop.compile_steps(task.TRAINER, config, schema=task.default_config())
+      m = config.mesh
+      shape = parallel.mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count())
+      print(f"Compiled train steps of {config.task!r}, mesh {shape} on {jax.device_count()} "
+            f"{jax.devices()[0].platform} devices:")
+      print(loop.memory_table(memory))
+      return
+    task.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as e:
     sys.exit(f"Invalid config: {e}")
-  try:
-    task.train_and_evaluate(config, FLAGS.workdir)
   except (data.DataError, checkpoint.CheckpointMismatchError, loop.NonFiniteError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
 

@@ -7,13 +7,17 @@ parallelism with parameters, gradients and optimizer state sharded) and
 does not divide over its mesh axes is replicated rather than rejected, so one
 rule set serves 1 CPU, 8 simulated devices and a pod.
 
-Batches are sharded over ``('data', 'fsdp')`` on their leading axis.
+Batches are sharded over ``('data', 'fsdp')`` on their leading axis. Init,
+``eval_shape`` and every step are traced inside :func:`sharding_context` (the
+mesh and the logical-axis rules), where models pin activations with
+:func:`constrain`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,7 +37,8 @@ VOCAB = "vocab"
 CONV_IN = "conv_in"  # input channels of a conv kernel
 CONV_OUT = "conv_out"  # output channels of a conv kernel
 NORM = "norm"  # scales and biases
-SPATIAL = "spatial"  # kernel height / width
+KERNEL_H = "kernel_h"  # kernel height (a logical name occurs once per array: height and width differ)
+KERNEL_W = "kernel_w"  # kernel width
 
 # (logical name, mesh axes or None). Tuples, so that configs can hold them.
 DEFAULT_RULES = (
@@ -46,7 +51,8 @@ DEFAULT_RULES = (
     (CONV_IN, None),
     (CONV_OUT, "fsdp"),
     (NORM, None),
-    (SPATIAL, None),
+    (KERNEL_H, None),
+    (KERNEL_W, None),
 )
 
 
@@ -125,6 +131,35 @@ def logical_shardings(boxed_abstract: Any, mesh: Mesh, rules: Sequence[Sequence[
   abstract = nn.meta.unbox(boxed_abstract)
   return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _mesh_spec(spec, leaf.shape, mesh, parsed)),
                       specs, abstract, is_leaf=lambda x: isinstance(x, P))
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: Sequence[Sequence[Any]]) -> Iterator[None]:
+  """Traces inside ``mesh`` and the logical-axis ``rules`` (``jax.set_mesh`` + ``nn.logical_axis_rules``)."""
+  flax_rules = tuple((name, axes) for name, axes in parse_rules(rules).items())
+  with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules):
+    yield
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's sharding by logical axis names (``(BATCH, None, EMBED)``).
+
+  Inside :func:`sharding_context` the names map to mesh axes by its rules (a
+  dimension that does not divide stays replicated, as for parameters); outside
+  one, or on a one-device mesh, ``x`` is returned unchanged.
+
+  Args:
+    x: Any array.
+    axes: One logical name (or None) per dimension of ``x``.
+  """
+  if len(axes) != x.ndim:
+    raise ValueError(f"constrain: {len(axes)} axis names {tuple(axes)} for an array of shape {x.shape}.")
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  rules = {name: (() if a is None else (a,) if isinstance(a, str) else tuple(a))
+           for name, a in nn.get_logical_axis_rules()}
+  return jax.lax.with_sharding_constraint(x, _mesh_spec(P(*axes), x.shape, mesh, rules))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -24,8 +24,11 @@ def test_embedded_dataset_has_disjoint_deterministic_splits():
     sources.EmbeddedSource("test")
 
 
+_crops = pipeline.image_example(transforms.resize_crop_flip, 16)
+
+
 def _pipe(process_index=0, process_count=1, seed=0, batch=8):
-  return pipeline.Pipeline(sources.EmbeddedSource("train"), transforms.resize_crop_flip, 16, batch, seed=seed,
+  return pipeline.Pipeline(sources.EmbeddedSource("train"), _crops, batch, seed=seed,
                            process_index=process_index, process_count=process_count, prefetch=0)
 
 
@@ -47,18 +50,18 @@ def test_process_slices_concatenate_to_the_global_batch():
 
 def test_an_epoch_visits_every_example_once():
   src = sources.EmbeddedSource("validation")
-  p = pipeline.Pipeline(src, transforms.center_crop, 16, len(src), seed=0, prefetch=0)
-  seen = [p._example(i)[2] for i in range(len(src))]  # pylint: disable=protected-access
+  p = pipeline.Pipeline(src, pipeline.image_example(transforms.center_crop, 16), len(src), seed=0, prefetch=0)
+  seen = [p._example(i)[1] for i in range(len(src))]  # pylint: disable=protected-access
   assert sorted(seen) == list(range(len(src)))
 
 
 def test_iterator_state_resumes_at_the_exact_example():
-  p = pipeline.Pipeline(sources.EmbeddedSource("train"), transforms.resize_crop_flip, 16, 4, seed=3, prefetch=2)
+  p = pipeline.Pipeline(sources.EmbeddedSource("train"), _crops, 4, seed=3, prefetch=2)
   for _ in range(7):
     next(p)
   state = p.state()
   expected = next(p)
-  q = pipeline.Pipeline(sources.EmbeddedSource("train"), transforms.resize_crop_flip, 16, 4, seed=3, prefetch=2)
+  q = pipeline.Pipeline(sources.EmbeddedSource("train"), _crops, 4, seed=3, prefetch=2)
   q.restore(state)
   np.testing.assert_array_equal(next(q)["image"], expected["image"])
   p.close()
@@ -80,7 +83,7 @@ def test_image_folder_classes_holdout_and_corrupt_files(tmp_path, caplog):
   root = _folder(tmp_path / "imgs", corrupt=True)
   train, val = sources.ImageFolderSource(str(root), "train"), sources.ImageFolderSource(str(root), "validation")
   assert train.classes == ["cats", "dogs"] and len(train) + len(val) == 50 and len(val) == 3
-  p = pipeline.Pipeline(train, transforms.resize_crop_flip, 16, len(train), seed=0, shuffle=False, prefetch=0)
+  p = pipeline.Pipeline(train, _crops, len(train), seed=0, shuffle=False, prefetch=0)
   with caplog.at_level(logging.WARNING):
     batch = p.batch(0)
   assert batch["image"].shape == (len(train), 16, 16, 3)

@@ -8,7 +8,7 @@ import pytest
 import ifsq_jax
 from conftest import apply_overrides, read_metrics
 from ifsq_jax import parallel
-from ifsq_jax.losses import gan
+from ifsq_jax.objectives import tokenizer as gan
 from ifsq_jax.models.tokenizer import conv_out
 from ifsq_jax.train import tokenizer
 

@@ -1,6 +1,9 @@
 """Deterministic, resumable, per-process batching of a random-access source.
 
-The global batch of step ``s`` holds the examples at positions ``s*B .. s*B+B-1``
+The core is task-agnostic: a source gives raw examples by index, and the task's
+per-example function turns one raw example and a numpy generator into a dict of
+arrays (an image task crops and flips an image; a generator on extracted codes
+picks the flipped or the plain codes). The global batch of step ``s`` holds the examples at positions ``s*B .. s*B+B-1``
 of an endless stream of epochs; epoch ``e`` is a permutation of the source drawn
 from ``(seed, e)``, and each example's augmentation draws from
 ``(seed, e, index)``. A batch is therefore a pure function of (seed, step): the
@@ -10,8 +13,8 @@ and each process computes only its own slice (``B / process_count`` rows).
 An example that fails to decode is replaced by the next index of the source (so
 the batch stays deterministic), counted, and reported with a warning.
 
-Batches are dicts of numpy arrays: ``image`` (b, H, W, 3) float32 in [-1, 1],
-``label`` (b,) int32.
+Batches are dicts of numpy arrays stacked from the per-example dicts; for images
+(:func:`image_example`): ``image`` (b, H, W, 3) float32 in [-1, 1], ``label`` (b,) int32.
 """
 
 from __future__ import annotations
@@ -21,19 +24,51 @@ import logging
 import threading
 from typing import Any
 
+from typing import Callable
+
 import ml_collections
 import numpy as np
 
 from ifsq_jax.data import sources, transforms
+
+ExampleFn = Callable[[Any, np.random.Generator], dict[str, np.ndarray]]
+
+
+def image_example(transform: transforms.Transform, image_size: int) -> ExampleFn:
+  """The per-example function of image tasks: (uint8 image, label) -> {"image", "label"}."""
+
+  def fn(raw, rng):
+    image, label = raw
+    return {"image": np.asarray(transform(image, image_size, rng), np.float32), "label": np.int32(label)}
+
+  return fn
+
+
+def code_example(flip: bool = True) -> ExampleFn:
+  """The per-example function over extracted codes (:class:`~ifsq_jax.data.code_shards.CodeShardSource`).
+
+  With ``flip``, each example takes its horizontally flipped image's codes and
+  indices with probability 1/2 (the flips ``tools/extract.py`` stores), as an
+  image pipeline's random flip would.
+  """
+
+  def fn(raw, rng):
+    flipped = flip and "codes_flip" in raw and rng.random() < 0.5
+    out = {"label": np.int32(raw["label"])}
+    for key in ("codes", "indices"):
+      if key in raw:
+        out[key] = np.asarray(raw[f"{key}_flip"] if flipped else raw[key])
+    return out
+
+  return fn
 
 
 class Pipeline:
   """Batches of one process, addressed by step.
 
   Args:
-    source: Random-access source.
-    transform: A function (uint8 image, size, rng) -> float32 image.
-    image_size: Output side.
+    source: Random-access source (``len`` and ``source[i]``).
+    example_fn: (raw example, numpy generator) -> dict of arrays; the task's.
     global_batch_size: B over all processes.
     seed: Order and augmentation seed.
     shuffle: Permute each epoch (else the source order).
@@ -41,16 +76,14 @@ class Pipeline:
     prefetch: Batches prepared ahead in a background thread.
   """
 
-  def __init__(self, source: sources.Source, transform: transforms.Transform, image_size: int,
-               global_batch_size: int, seed: int = 0, shuffle: bool = True, process_index: int = 0,
+  def __init__(self, source: sources.Source, example_fn: ExampleFn, global_batch_size: int, seed: int = 0, shuffle: bool = True, process_index: int = 0,
                process_count: int = 1, prefetch: int = 2):
     if len(source) == 0:
       raise sources.DataError(f"dataset {source.name} is empty.")
     if global_batch_size % process_count:
       raise ValueError(f"global batch {global_batch_size} does not divide over {process_count} processes.")
     self.source = source
-    self.transform = transform
-    self.image_size = image_size
+    self.example_fn = example_fn
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self.seed = seed
@@ -74,14 +107,14 @@ class Pipeline:
         self._perm_cache = {epoch: perm, **{k: v for k, v in self._perm_cache.items() if k >= epoch - 1}}
       return self._perm_cache[epoch]
 
-  def _example(self, position: int) -> tuple[np.ndarray, int, int]:
+  def _example(self, position: int) -> tuple[dict[str, np.ndarray], int]:
     n = len(self.source)
     epoch, offset = divmod(position, n)
     index = int(self._permutation(epoch)[offset])
     for attempt in range(n):
       i = (index + attempt) % n
       try:
-        image, label = self.source[i]
+        raw = self.source[i]
         break
       except sources.DecodeError as e:
         with self._lock:
@@ -92,16 +125,13 @@ class Pipeline:
     else:
       raise sources.DataError(f"no example of {self.source.name} could be decoded.")
     rng = np.random.default_rng([self.seed, epoch, index, 7])
-    return self.transform(image, self.image_size, rng), label, index
+    return self.example_fn(raw, rng), index
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's slice of the global batch of ``step``."""
     start = step * self.global_batch_size + self.process_index * self.local_batch_size
-    examples = [self._example(start + j) for j in range(self.local_batch_size)]
-    return {
-        "image": np.stack([e[0] for e in examples]).astype(np.float32),
-        "label": np.asarray([e[1] for e in examples], np.int32),
-    }
+    examples = [self._example(start + j)[0] for j in range(self.local_batch_size)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
   # -------------------------------------------------------------- iteration
 
@@ -158,11 +188,12 @@ def build_source(data: ml_collections.ConfigDict, split: str) -> sources.Source:
 
 def build_pipeline(config: ml_collections.ConfigDict, split: str, train: bool, process_index: int = 0,
                    process_count: int = 1, batch_size: int | None = None) -> Pipeline:
-  """The training (shuffled, augmented) or evaluation (ordered, center crop) pipeline."""
+  """The training (shuffled, augmented) or evaluation (ordered, center crop) image pipeline."""
   source = build_source(config.data, split)
   if config.data.transform not in transforms.TRANSFORMS:
     raise sources.DataError(f"config.data.transform={config.data.transform!r} is not one of "
                             f"{tuple(transforms.TRANSFORMS)}.")
   transform = transforms.TRANSFORMS[config.data.transform] if train else transforms.center_crop
-  return Pipeline(source, transform, config.data.image_size, batch_size or config.train.global_batch_size,
-                  seed=config.seed, shuffle=train, process_index=process_index, process_count=process_count)
+  return Pipeline(source, image_example(transform, config.data.image_size),
+                  batch_size or config.train.global_batch_size, seed=config.seed, shuffle=train,
+                  process_index=process_index, process_count=process_count)

@@ -1,38 +1,51 @@
 """The one training loop every task runs.
 
-A task supplies a :class:`Trainer` (model, state, step functions, eval and image
-hooks); :func:`run` does the rest: validation, mesh and shardings from abstract
-shapes, resume or init, jitted steps that donate the state, the non-finite guard,
-logging, evaluation, image grids, checkpoints, and a clean save on SIGTERM/SIGINT.
+A task supplies a :class:`Trainer`; :func:`run` does the rest: validation, mesh
+and shardings from abstract shapes (all traced inside the mesh and the
+logical-axis rules), resume, ``init_from`` or init, frozen networks placed on the
+devices once, every step kind compiled ahead with its memory shown, jitted steps
+that donate the state, logging, checkpoints, evaluation and image grids, and a
+clean save on SIGTERM/SIGINT.
 
-Randomness: one base key from ``config.seed``; step ``s`` uses
-``fold_in(key, s)``, and batches are a pure function of (seed, step), so a
-resumed run draws the same numbers and examples as an uninterrupted one.
+What a trainer owns: its config checks (:meth:`Trainer.validate`), its training
+data (:meth:`Trainer.train_data`, a step-addressed :class:`~ifsq_jax.data.Pipeline`
+with the task's per-example function), its frozen networks
+(:meth:`Trainer.frozen`, passed to every step as a non-donated argument: arrays
+captured in a closure would be baked into the compiled program as constants),
+its step functions, and how a checkpoint initialises it (:meth:`Trainer.init_from`).
+
+Randomness: one base key from ``config.seed``; the loop hands step ``s`` the key
+``fold_in(key, s)`` (trainers do not fold again), and batches are a pure
+function of (seed, step), so a resumed run draws the same numbers and examples
+as an uninterrupted one.
+
+Non-finite steps: each step decides from its loss and gradients, before the
+update, whether to apply it (:func:`~ifsq_jax.train.state.apply_if_finite`) and
+reports ``nonfinite``; the loop stops after ``train.max_nonfinite_steps`` in a row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import signal
-import threading
 import time
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import parameter_overview
 from etils import epath
 
-from ifsq_jax import checkpoint, config_lib, parallel
+from ifsq_jax import checkpoint, config_lib, multihost, parallel
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.train import state as state_lib
 from ifsq_jax.train import writers
 
-StepFn = Callable[[state_lib.TrainState, dict[str, jax.Array], jax.Array], tuple[state_lib.TrainState, dict]]
+# (state, batch, key, frozen) -> (new state, metrics with "nonfinite" and, for logging, "loss").
+StepFn = Callable[[state_lib.TrainState, dict[str, jax.Array], jax.Array, Any], tuple[state_lib.TrainState, dict]]
 
 
 class NonFiniteError(RuntimeError):
@@ -51,18 +64,53 @@ class Trainer:
     self.config = config
     self.mesh = mesh
 
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict) -> None:
+    """Checks the task's own fields; raises ``config_lib.ConfigError`` naming the key, value and valid choices."""
+    del config
+
   def init_state(self, rng: jax.Array) -> state_lib.TrainState:
     """A fresh state; parameters may be boxed with logical axis names."""
     raise NotImplementedError
 
+  def train_data(self, process_index: int, process_count: int) -> pipeline_lib.Pipeline:
+    """This process's training batches, addressed by step (state() / restore() for exact resume)."""
+    raise NotImplementedError
+
+  def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global training batch (for compiling before any data is read)."""
+    raise NotImplementedError
+
+  def frozen(self) -> Any:
+    """Frozen networks' parameters (a pytree of arrays, e.g. LPIPS-VGG); placed on the devices once by the loop."""
+    return {}
+
   def train_steps(self) -> dict[str, StepFn]:
-    """Pure step functions by name: (state, batch, base_key) -> (state, metrics with "loss")."""
+    """Pure step functions by name: (state, batch, key, frozen) -> (state, metrics).
+
+    ``key`` is already folded with the step. Metrics hold ``nonfinite`` (from
+    :func:`~ifsq_jax.train.state.apply_if_finite`) and the losses under their own names;
+    ``loss`` is the one the progress line shows.
+    """
     raise NotImplementedError
 
   def step_kind(self, step: int) -> str:
     """Which step function runs at ``step`` (the tokenizer alternates G and D steps)."""
     del step
     return "train"
+
+  def init_from(self, state: state_lib.TrainState, path: str) -> state_lib.TrainState:
+    """A fresh state initialised from the checkpoint at ``path`` (``checkpoint.init_from``).
+
+    The default takes ``params`` and ``ema_params`` of a checkpoint of the same
+    task (optimizer state, step and statistics stay fresh). A trainer whose
+    parameters come from elsewhere (another task, converted weights) overrides it.
+    """
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            {"params": state.params, "ema_params": state.ema_params})
+    step, fields = checkpoint.restore_fields(path, abstract)
+    logging.info("Initialised params and EMA from step %d of %s", step, path)
+    return state.replace(**fields)
 
   def evaluate(self, state: state_lib.TrainState, step: int) -> dict[str, float]:
     """Evaluation metrics (host floats); called every ``train.eval_every`` steps and at the end."""
@@ -75,90 +123,61 @@ class Trainer:
     return []
 
 
-class _SignalFlag:
-  """Set by SIGTERM / SIGINT; the loop finishes its step, saves and exits.
+@dataclasses.dataclass
+class StepMemory:
+  """Per-device memory of one compiled step (bytes), from XLA's memory analysis."""
 
-  With several processes, every process must stop at the same step: each step
-  they agree through the coordination service of ``jax.distributed`` (a barrier
-  and a key per stopping process), not through a device collective, so the check
-  never competes with the train step's own collectives.
-  """
+  kind: str
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  code: int
 
-  _instances = 0  # every process creates its flags in the same order: an id shared by the processes
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-    self.run_id = _SignalFlag._instances
-    _SignalFlag._instances += 1
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-    logging.warning("Received %s: finishing the current step, saving a checkpoint and exiting.",
-                    signal.Signals(signum).name)
-
-  def requested(self, step: int) -> bool:
-    """Whether any process received a signal; all processes must call it at the same steps."""
-    flag = self.signum is not None
-    if jax.process_count() > 1:
-      flag = _any_process(flag, f"ifsq_jax/stop/{self.run_id}/{step}")
-    return flag
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+  @property
+  def peak(self) -> int:
+    """Arguments + outputs not aliased to them + temporaries."""
+    return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
-def _coordination_client():
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  return distributed.global_state.client
+def memory_table(rows: list[StepMemory]) -> str:
+  """The compiled steps' memory as a text table (GiB per device)."""
+  gib = lambda b: f"{b / 2**30:.3f}"
+  lines = ["step kind | arguments | outputs | aliased | temporaries | peak | code (MiB)  [GiB per device]"]
+  for r in rows:
+    lines.append(f"{r.kind} | {gib(r.arguments)} | {gib(r.outputs)} | {gib(r.aliased)} | {gib(r.temporaries)} | "
+                 f"{gib(r.peak)} | {r.code / 2**20:.2f}")
+  return "\n".join(lines)
 
 
-def _any_process(flag: bool, tag: str, timeout_s: int = 3600) -> bool:
-  """True on every process if ``flag`` is True on any; ``tag`` must be new for each call."""
-  client = _coordination_client()
-  if client is None:  # processes set up without jax.distributed's coordination service
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-  if flag:
-    client.key_value_set(f"{tag}/{jax.process_index()}", "1")
-  client.wait_at_barrier(tag, timeout_s * 1000)
-  return bool(client.key_value_dir_get(f"{tag}/"))
-
-
-def _barrier(tag: str, timeout_s: int = 3600) -> None:
-  """Waits until every process reaches ``tag`` (new for each call); a no-op for one process."""
-  client = _coordination_client()
-  if jax.process_count() > 1 and client is not None:
-    client.wait_at_barrier(tag, timeout_s * 1000)
+def _memory(kind: str, compiled) -> StepMemory:
+  m = compiled.memory_analysis()
+  return StepMemory(kind, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
+                    int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes))
 
 
 class _Steps:
-  """The jitted step functions; with several processes each is compiled ahead of its first run.
+  """Every step kind a run will use, compiled before step 1 (ahead of time, inside the mesh).
 
-  The CPU collectives (gloo) give a process 30 s to meet its peers the first time
-  a program uses a group of devices. A program compiled on first call can take
-  longer than that on a busy host, and compilation time differs between
-  processes, so with several processes every step function is compiled, then all
-  processes meet at a barrier, then it runs.
+  With several processes, all processes then meet at a barrier before the first
+  step (see :mod:`ifsq_jax.multihost`).
   """
 
-  def __init__(self, steps: dict[str, Callable], run_id: int):
-    self._steps = steps
-    self._compiled = {}
-    self._run_id = run_id
+  def __init__(self, fns: dict[str, StepFn], kinds: list[str], shardings: Any, mesh, rules, abstract_args: tuple,
+               run_id: int):
+    self.compiled = {}
+    self.memory: list[StepMemory] = []
+    with parallel.sharding_context(mesh, rules):
+      for kind in kinds:
+        jitted = _jit_step(fns[kind], shardings, mesh)
+        start = time.time()
+        self.compiled[kind] = jitted.lower(*abstract_args).compile()
+        self.memory.append(_memory(kind, self.compiled[kind]))
+        logging.info("Compiled step %r in %.1f s", kind, time.time() - start)
+    multihost.barrier(f"ifsq_jax/compiled/{run_id}")
 
-  def __call__(self, kind: str, state, batch, key):
-    if jax.process_count() == 1:
-      return self._steps[kind](state, batch, key)
-    if kind not in self._compiled:
-      self._compiled[kind] = self._steps[kind].lower(state, batch, key).compile()
-      _barrier(f"ifsq_jax/compiled/{self._run_id}/{kind}")
-    return self._compiled[kind](state, batch, key)
+  def __call__(self, kind: str, *args):
+    return self.compiled[kind](*args)
 
 
 def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
@@ -177,11 +196,69 @@ def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> Non
 
 
 def _jit_step(fn: StepFn, shardings: Any, mesh) -> Callable:
-  def guarded(state, batch, key):
-    new, metrics = fn(state, batch, key)
-    return state_lib.guard_nonfinite(state, new, metrics)
-  return jax.jit(guarded, in_shardings=(shardings, None, parallel.replicated(mesh)),
+  def step(state, batch, base_key, frozen):
+    new, metrics = fn(state, batch, jax.random.fold_in(base_key, state.step), frozen)
+    if "nonfinite" not in metrics:
+      raise ValueError("a train step must report metrics['nonfinite'] (use state.apply_if_finite).")
+    return new, metrics
+  return jax.jit(step, in_shardings=(shardings, None, parallel.replicated(mesh), None),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
+def _kinds_used(trainer: Trainer, names: list[str], start: int, end: int) -> list[str]:
+  """The step kinds steps ``start .. end - 1`` run, in the order of ``names``."""
+  found = set()
+  for step in range(start, end):
+    found.add(trainer.step_kind(step))
+    if len(found) == len(names):
+      break
+  unknown = found - set(names)
+  if unknown:
+    raise ValueError(f"step_kind returned {sorted(unknown)}; the trainer's steps are {names}.")
+  return [n for n in names if n in found]
+
+
+def abstract_state(trainer: Trainer, init_key: jax.Array, mesh, rules) -> tuple[Any, Any]:
+  """(shardings, abstract state with shardings) of the trainer's state, traced inside the mesh."""
+  with parallel.sharding_context(mesh, rules):
+    boxed = jax.eval_shape(trainer.init_state, init_key)
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
+                          shardings)
+  return shardings, abstract
+
+
+def compile_steps(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
+                  schema: ml_collections.ConfigDict | None = None, devices: list | None = None) -> list[StepMemory]:
+  """Validates ``config`` and compiles every step kind of a run from step 0; writes nothing.
+
+  Returns:
+    The per-device memory of each compiled step (``--compile_only`` prints it).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  validate(trainer_cls, config, schema, len(devices))
+  m = config.mesh
+  mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor, devices)
+  trainer = trainer_cls(config, mesh)
+  init_key, _ = jax.random.split(jax.random.key(config.seed))
+  shardings, abstract = abstract_state(trainer, init_key, mesh, m.rules)
+  frozen = jax.eval_shape(trainer.frozen)
+  kinds = _kinds_used(trainer, list(trainer.train_steps()), 0, config.train.num_steps)
+  args = (abstract, _abstract_batch(trainer, mesh), jax.eval_shape(lambda: jax.random.key(0)),
+          jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), frozen))
+  return _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, args, run_id=-1).memory
+
+
+def _abstract_batch(trainer: Trainer, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh, len(v.shape)))
+          for k, v in trainer.batch_shapes().items()}
+
+
+def validate(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
+             schema: ml_collections.ConfigDict | None, device_count: int) -> None:
+  """The shared checks, then the task's own: one ConfigError naming the key, before anything compiles."""
+  config_lib.validate(config, schema if schema is not None else config, device_count, jax.process_count())
+  trainer_cls.validate(config)
 
 
 def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: epath.PathLike,
@@ -200,7 +277,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   """
   workdir = epath.Path(workdir)
   devices = list(jax.devices() if devices is None else devices)
-  config_lib.validate(config, schema if schema is not None else config, len(devices), jax.process_count())
+  validate(trainer_cls, config, schema, len(devices))
   workdir.mkdir(parents=True, exist_ok=True)
   _write_config(workdir, config)
   m = config.mesh
@@ -211,13 +288,8 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   t = config.train
 
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  boxed = jax.eval_shape(trainer.init_state, init_key)
-  shardings = parallel.logical_shardings(boxed, mesh, m.rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
-
-  data = pipeline_lib.build_pipeline(config, config.data.train_split, train=True,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+  shardings, abstract = abstract_state(trainer, init_key, mesh, m.rules)
+  data = trainer.train_data(jax.process_index(), jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
   restored = ckpt.restore_latest(abstract)
@@ -228,15 +300,19 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
     logging.info("Resumed from step %d in %s", step, ckpt.directory)
   else:
     step = 0
-    state = jax.jit(lambda k: nn.meta.unbox(trainer.init_state(k)), out_shardings=shardings)(init_key)
-    if config.checkpoint.init_from:
-      params = checkpoint.restore_params(config.checkpoint.init_from, abstract.params)
-      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
-      logging.info("Initialised parameters from %s", config.checkpoint.init_from)
+    with parallel.sharding_context(mesh, m.rules):
+      state = jax.jit(lambda k: nn.meta.unbox(trainer.init_state(k)), out_shardings=shardings)(init_key)
+      if config.checkpoint.init_from:
+        state = trainer.init_from(state, config.checkpoint.init_from)
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
-  flag = _SignalFlag()
-  steps = _Steps({name: _jit_step(fn, shardings, mesh) for name, fn in trainer.train_steps().items()}, flag.run_id)
+  frozen = jax.device_put(trainer.frozen(), parallel.replicated(mesh))  # once; passed to every step
+  step_key = jax.device_put(step_key, parallel.replicated(mesh))
+  flag = multihost.StopFlag()
+  kinds = _kinds_used(trainer, list(trainer.train_steps()), step, t.num_steps)
+  steps = _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules,
+                 (abstract, _abstract_batch(trainer, mesh), step_key, frozen), flag.run_id)
+  logging.info("Compiled steps, per device:\n%s", memory_table(steps.memory))
   writer = writers.create_writer(workdir)
   config_dict = config.to_dict()
   host = _HostMetrics(int(state.nonfinite_run), t.max_nonfinite_steps)
@@ -245,7 +321,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   try:
     while step < t.num_steps:
       batch = parallel.global_batch(next(data), mesh)
-      state, metrics = steps(trainer.step_kind(step), state, batch, step_key)
+      state, metrics = steps(trainer.step_kind(step), state, batch, step_key, frozen)
       step += 1
       host.add(step, metrics)  # fetched lazily: the device runs ahead
       stop = flag.requested(step)
@@ -271,9 +347,11 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
       save = step % config.checkpoint.every == 0 or final or stop
       if jax.process_count() > 1 and (evaluate or images or save):
         # Evaluation, image grids and saves run their own cross-process programs: they start together
-        # (see _Steps) and never overlap a step still running.
+        # and never overlap a step still running.
         jax.block_until_ready((state, metrics))
-        _barrier(f"ifsq_jax/after_step/{flag.run_id}/{step}")
+        multihost.barrier(f"ifsq_jax/after_step/{flag.run_id}/{step}")
+      if save:  # before evaluating: a failing evaluation never costs the step's checkpoint
+        ckpt.save(step, state, data.state(), config_dict)
       if evaluate:
         scalars = trainer.evaluate(state, step)
         if scalars:
@@ -282,8 +360,6 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
             (workdir / "eval.json").write_text(json.dumps({"step": step, **scalars}, indent=2))
       if images:
         _write_images(trainer, state, step, workdir, writer)
-      if save:
-        ckpt.save(step, state, data.state(), config_dict)
       if stop:
         logging.warning("Stopped at step %d on request; checkpoint saved.", step)
         break

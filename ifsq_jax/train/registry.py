@@ -1,4 +1,4 @@
-"""Tasks by name: each is a module with ``default_config()`` and ``train_and_evaluate(config, workdir)``."""
+"""Tasks by name: each is a module with ``default_config()``, ``TRAINER`` and ``train_and_evaluate(config, workdir)``."""
 
 from __future__ import annotations
 

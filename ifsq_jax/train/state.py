@@ -59,13 +59,59 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
+def split_micro_batches(batch: Any, num_micro: int) -> Any:
+  """(B, ...) leaves -> (M, B/M, ...): micro-batch i takes rows i, i + M, i + 2M, ...
+
+  Strided rows keep every device on its own rows when the batch is sharded over
+  devices (no resharding), whatever M.
+  """
+  def split(x):
+    if x.shape[0] % num_micro:
+      raise ValueError(f"a batch of {x.shape[0]} rows does not split into {num_micro} micro-batches.")
+    return jnp.swapaxes(x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulate(fn: Callable[[Any, jax.Array, Any], tuple[Any, Any]], batch: Any, rng: jax.Array, num_micro: int,
+               carry: Any = None) -> tuple[Any, Any]:
+  """Means over ``num_micro`` micro-batches of what ``fn`` returns, in one ``lax.scan``.
+
+  The shared gradient-accumulation helper of every trainer: ``fn`` computes
+  whatever a step averages (loss, metrics, gradients, ...) on one micro-batch.
+  With a per-example mean loss, mean gradients over micro-batches equal the
+  full-batch gradient. ``carry`` threads state that changes from one
+  micro-batch to the next (e.g. BatchNorm running statistics).
+
+  Args:
+    fn: (micro-batch, rng, carry) -> (tree to average, new carry).
+    batch: Tree of (B, ...) arrays.
+    rng: Key; micro-batch i uses ``fold_in(rng, i)``; with M = 1 the batch uses ``rng`` itself.
+    num_micro: M, dividing B.
+    carry: Initial carry (None for none).
+
+  Returns:
+    (mean of the averaged tree, final carry).
+  """
+  if num_micro == 1:
+    return fn(batch, rng, carry)
+  micro = split_micro_batches(batch, num_micro)
+
+  def body(acc_carry, inputs):
+    acc, c = acc_carry
+    i, mb = inputs
+    out, c = fn(mb, jax.random.fold_in(rng, i), c)
+    return (jax.tree.map(jnp.add, acc, out), c), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(lambda: fn(first, rng, carry)[0])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (total, carry), _ = jax.lax.scan(body, (zeros, carry), (jnp.arange(num_micro), micro))
+  return jax.tree.map(lambda a: a / num_micro, total), carry
+
+
 def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
                          num_micro: int) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-  """Mean loss, mean aux metrics and mean gradients over ``num_micro`` micro-batches.
-
-  Micro-batch i takes rows i, i + M, i + 2M, ... of the batch, so every device
-  keeps working on its own rows (no resharding); with a per-example mean loss
-  the result equals the full-batch gradient.
+  """Mean loss, mean aux metrics and mean gradients over ``num_micro`` micro-batches (:func:`accumulate`).
 
   Args:
     loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics).
@@ -75,25 +121,13 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict[str, jax.Arra
     num_micro: M, dividing B.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if num_micro == 1:
-    (loss, aux), grads = grad_fn(params, batch, rng)
-    return loss, aux, grads
 
-  def split(x):  # (B, ...) -> (M, B/M, ...)
-    return jnp.swapaxes(x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]), 0, 1)
+  def micro(mb, r, carry):
+    (loss, aux), grads = grad_fn(params, mb, r)
+    return (loss, aux, grads), carry
 
-  micro = jax.tree.map(split, batch)
-
-  def body(carry, inputs):
-    i, mb = inputs
-    (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-    return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
-
-  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)))
-  (loss, aux), grads = zeros
-  (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads), (jnp.arange(num_micro), micro))
-  scale = 1.0 / num_micro
-  return loss * scale, jax.tree.map(lambda a: a * scale, aux), jax.tree.map(lambda g: g * scale, grads)
+  (loss, aux, grads), _ = accumulate(micro, batch, rng, num_micro)
+  return loss, aux, grads
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
@@ -109,19 +143,29 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
                        ema_params=ema_update(state.ema_params, params, ema_decay), **replace)
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """True when every floating leaf is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def apply_if_finite(state: TrainState, loss: jax.Array, grad_norm: jax.Array,
+                    update: Callable[[TrainState], TrainState]) -> tuple[TrainState, jax.Array]:
+  """``update(state)`` when the loss and the gradients are finite, else ``state``; then ``step + 1``.
 
+  The decision comes from the loss and the gradients' global norm (non-finite
+  when any gradient is), before anything is updated, as ``optax.apply_if_finite``
+  does. The update runs inside ``lax.cond``, so the compiled step holds one
+  state, updated in place in the donated buffers; selecting between an old and
+  a new state after the update (``jnp.where`` over every leaf) would keep both
+  alive. A skipped step counts in ``nonfinite_run`` / ``nonfinite_total``.
 
-def guard_nonfinite(old: TrainState, new: TrainState, metrics: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-  """Keeps ``old`` (with step + 1) when the loss, gradients or new state are not finite.
+  Args:
+    state: The current state.
+    loss: The step's scalar loss.
+    grad_norm: The global norm of the step's gradients (all of them).
+    update: state -> updated state (optimizer, EMA, statistics); its ``step``
+      and non-finite counters are overwritten here.
 
-  The trainer's metrics must hold ``loss`` and should hold ``grad_norm``.
+  Returns:
+    (new state, ``nonfinite`` as float32 1.0 or 0.0 for the metrics).
   """
-  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics.get("grad_norm", 0.0)) & all_finite(new.params)
-  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  run = jnp.where(ok, 0, old.nonfinite_run + 1)
-  kept = kept.replace(step=old.step + 1, nonfinite_run=run, nonfinite_total=old.nonfinite_total + (~ok))
-  return kept, {**metrics, "nonfinite": (~ok).astype(jnp.float32)}
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = jax.lax.cond(ok, update, lambda s: s, state)
+  new = new.replace(step=state.step + 1, nonfinite_run=jnp.where(ok, 0, state.nonfinite_run + 1),
+                    nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
+  return new, (~ok).astype(jnp.float32)

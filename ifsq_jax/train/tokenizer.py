@@ -16,7 +16,12 @@ As the reference (``ifsq/train_ddp.py`` + ``LPIPSWithDiscriminator2D``):
 Differences: the discriminator is not run in generator steps before
 ``disc_start`` (the reference runs it and discards the output; only its
 never-used running statistics changed). BatchNorm statistics cover the global
-batch, not each device's share.
+batch, not each device's share; with ``train.grad_accum_steps`` M > 1 they cover
+each micro-batch (as the reference's per-GPU statistics do), and the running
+statistics are updated once per micro-batch. Everything else accumulates
+exactly: the adaptive weight is taken from the full batch's gradients at the
+decoder's last layer, so a step over M micro-batches equals the full-batch step
+whenever the micro-batches' BatchNorm statistics equal the batch's.
 
 B batch, H W image size.
 """
@@ -32,17 +37,19 @@ import optax
 from ifsq_jax import config_lib, parallel
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.eval import reconstruction as recon_lib
-from ifsq_jax.losses import gan
 from ifsq_jax.models.discriminator import PatchDiscriminator
-from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig, conv_out
+from ifsq_jax.models.tokenizer import BOTTLENECKS, Tokenizer, TokenizerConfig, conv_out
 from ifsq_jax.nets import lpips
+from ifsq_jax.objectives import tokenizer as objective
 from ifsq_jax.train import loop
 from ifsq_jax.train import state as state_lib
+
+MAX_INDEX = 2**31 - 1  # indices are int32
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The paper's f16-d4 iFSQ run (spec 2.8 / 6.1-6.2)."""
-  c = config_lib.base_config()
+  c = config_lib.add_image_data(config_lib.base_config())
   c.task = "tokenizer"
   c.seed = 1234
   c.train.num_steps = 1_000_000
@@ -61,22 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.transform = "resize_crop_flip"
   c.data.eval_examples = 64
 
-  c.model = ml_collections.ConfigDict()
-  m = TokenizerConfig()
-  c.model.hidden_size = m.hidden_size
-  c.model.hidden_size_mult = m.hidden_size_mult
-  c.model.num_res_blocks = m.num_res_blocks
-  c.model.z_channels = m.z_channels
-  c.model.embed_dim = m.embed_dim
-  c.model.downsample = m.downsample
-  c.model.upsample = m.upsample
-  c.model.attn_resolutions = m.attn_resolutions
-  c.model.dropout = m.dropout
-  c.model.bottleneck = m.bottleneck
-  c.model.levels = m.levels
-  c.model.group_sizes = ()  # () for one index per token
-  c.model.vq_codebook_size = m.vq_codebook_size
-  c.model.vq_beta = m.vq_beta
+  # Every architecture field of TokenizerConfig (the image size comes from data.image_size).
+  c.model = config_lib.from_dataclass(TokenizerConfig(), exclude=("resolution",))
 
   c.loss = ml_collections.ConfigDict()
   c.loss.rec_type = "l1"  # "l1" | "l2"
@@ -115,26 +108,62 @@ def small_cpu_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def model_config(c: ml_collections.ConfigDict) -> TokenizerConfig:
-  m = c.model
-  return TokenizerConfig(
-      hidden_size=m.hidden_size, hidden_size_mult=tuple(m.hidden_size_mult), num_res_blocks=m.num_res_blocks,
-      z_channels=m.z_channels, embed_dim=m.embed_dim, downsample=tuple(m.downsample), upsample=tuple(m.upsample),
-      attn_resolutions=tuple(m.attn_resolutions), resolution=c.data.image_size, dropout=m.dropout,
-      bottleneck=m.bottleneck, levels=tuple(m.levels), group_sizes=tuple(m.group_sizes) or None,
-      vq_codebook_size=m.vq_codebook_size, vq_beta=m.vq_beta)
+  """The architecture of a tokenizer run's config."""
+  return config_lib.to_dataclass(TokenizerConfig, c.model, resolution=c.data.image_size,
+                                 group_sizes=tuple(c.model.group_sizes) or None)
+
+
+def _latent_and_encoding(module: Tokenizer, x: jax.Array, train: bool):
+  """(pre-bottleneck latent (B, h, w, d) float32, bottleneck output): the latent as the bound sees it."""
+  z = module.latent(x, train)
+  return z, module.quantize(z, train=train)
 
 
 class TokenizerTrainer(loop.Trainer):
   """Generator and discriminator steps of the tokenizer."""
 
+  @classmethod
+  def validate(cls, config):
+    config_lib.validate_image_data(config)
+    m, l = config.model, config.loss
+    config_lib.require_choice(config, "model.bottleneck", BOTTLENECKS)
+    config_lib.require_choice(config, "loss.rec_type", objective.REC_TYPES)
+    if m.bottleneck in ("ifsq", "fsq"):
+      bad = [v for v in m.levels if v < 2]
+      if bad or len(m.levels) != m.embed_dim:
+        raise config_lib.ConfigError(
+            f"config.model.levels={tuple(m.levels)} must give embed_dim={m.embed_dim} level counts, each >= 2.")
+      groups = tuple(m.group_sizes) or (len(m.levels),)
+      if sum(groups) != len(m.levels) or min(groups) < 1:
+        raise config_lib.ConfigError(f"config.model.group_sizes={tuple(m.group_sizes)} must be positive and sum to "
+                                     f"the {len(m.levels)} channels of config.model.levels (or () for one index).")
+      start = 0
+      for g in groups:
+        size = int(np.prod(m.levels[start:start + g], dtype=np.float64))
+        start += g
+        if size > MAX_INDEX:
+          raise config_lib.ConfigError(
+              f"config.model.levels={tuple(m.levels)} with group_sizes={tuple(m.group_sizes)} has a codebook of "
+              f"{size:,} codes, more than int32 indices hold; split the channels into index groups, e.g. "
+              f"config.model.group_sizes=(2, 2).")
+    for key in ("disc_layers", "disc_ndf"):
+      if l[key] < 1:
+        raise config_lib.ConfigError(f"config.loss.{key}={l[key]} must be >= 1.")
+    if l.disc_start < 0:
+      raise config_lib.ConfigError(f"config.loss.disc_start={l.disc_start} must be >= 0.")
+    try:
+      model_config(config)
+    except (ValueError, TypeError) as e:
+      raise config_lib.ConfigError(f"config.model: {e}") from None
+
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
     self.cfg = model_config(config)
     dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+    impl = self.cfg.conv_impl
     self.model = Tokenizer(self.cfg, dtype=dtype, compute_stats=self.cfg.bottleneck in ("ifsq", "fsq", "vq"))
-    self.disc = PatchDiscriminator(config.loss.disc_ndf, config.loss.disc_layers, dtype=dtype)
-    self.lpips = lpips.LPIPS("vgg16")
-    self.lpips_params = lpips.load_params("vgg16")
+    self.disc = PatchDiscriminator(config.loss.disc_ndf, config.loss.disc_layers, dtype=dtype, conv_impl=impl)
+    self.lpips = lpips.LPIPS("vgg16", conv_impl=impl)
     o = config.optimizer
     self.tx_gen = state_lib.make_optimizer(o, config.train.num_steps)
     no_clip = ml_collections.ConfigDict(o.to_dict())
@@ -150,6 +179,18 @@ class TokenizerTrainer(loop.Trainer):
       return recon, out.codes if fsq else None, out.indices if indices else None
 
     self._eval_step = jax.jit(eval_step)
+
+  def train_data(self, process_index, process_count):
+    c = self.config
+    return pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
+                                       process_count=process_count)
+
+  def batch_shapes(self):
+    s, b = self.config.data.image_size, self.config.train.global_batch_size
+    return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32), "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
+  def frozen(self):
+    return {"lpips": lpips.load_params("vgg16")}
 
   def init_state(self, rng):
     s = self.config.data.image_size
@@ -170,62 +211,75 @@ class TokenizerTrainer(loop.Trainer):
 
   # ------------------------------------------------------------------ losses
 
-  def _nll(self, x, recon):
-    rec = jnp.abs(x - recon) if self.config.loss.rec_type == "l1" else jnp.square(x - recon)
-    p = self.lpips.apply(self.lpips_params, x, recon)
-    return jnp.mean(rec) + self.config.loss.perceptual_weight * jnp.mean(p), jnp.mean(rec), jnp.mean(p)
-
   def _generator(self, gen, x, rng):
-    """(reconstruction, bottleneck loss) as a function of the generator's parameters; aux (encoding, features)."""
-    enc = self.model.apply({"params": gen}, x, train=True, rngs={"sample": rng, "dropout": rng},
-                           method=Tokenizer.encode)
+    """(reconstruction, bottleneck loss) as a function of the generator's parameters; aux (latent, encoding, features)."""
+    z, enc = self.model.apply({"params": gen}, x, True, rngs={"sample": rng, "dropout": rng},
+                              method=_latent_and_encoding)
     feats = self.model.apply({"params": gen}, enc.codes, train=True, rngs={"dropout": rng},
                              method=Tokenizer.decode_features)
     recon = conv_out(feats, gen["decoder"]["conv_out"]["kernel"], gen["decoder"]["conv_out"]["bias"])
-    return (recon, jnp.asarray(enc.loss, jnp.float32)), (enc, feats)
+    return (recon, jnp.asarray(enc.loss, jnp.float32)), (z, enc, feats)
 
-  def generator_loss_and_grads(self, gen, batch, rng, state, with_gan):
-    """The generator's loss, its gradients, metrics and the discriminator's updated BatchNorm statistics.
+  def _bottleneck_weight(self) -> float:
+    l = self.config.loss
+    return {"vq": l.codebook_weight, "kl": l.kl_weight}.get(self.cfg.bottleneck, 0.0)
 
-    Every loss term depends on the parameters through the reconstruction (and the
-    bottleneck loss), so the losses are differentiated at the reconstruction once
-    and pulled back through the generator once. The adaptive weight reuses the
-    same reconstruction gradients at the decoder's last conv, instead of two more
-    backward passes through LPIPS and the discriminator; the gradients equal those
-    of ``nll + w_b * bottleneck + lambda * g`` with ``lambda`` held constant.
+  def _generator_parts(self, gen, disc, x, rng, disc_stats, lpips_params, with_gan: bool, combine: bool):
+    """One (micro-)batch of the generator step: losses, gradients and metrics.
+
+    Every loss term depends on the parameters through the reconstruction (and
+    the bottleneck loss), so the losses are differentiated at the
+    reconstruction once and pulled back through the generator. With
+    ``combine`` (the whole batch at once) the adaptive weight is taken here and
+    one pullback gives the gradients of ``nll + w_b * bottleneck + lambda * g``
+    (``lambda`` held constant). Without it (one micro-batch of several) the nll
+    and GAN parts are pulled back apart, with their gradients at the decoder's
+    last layer, so the caller takes ``lambda`` from the whole batch's.
 
     Returns:
-      (total loss, gradients like ``gen``, metrics, disc batch statistics).
+      (dict of values to average over micro-batches, disc batch statistics).
     """
     l = self.config.loss
-    x = batch["image"]
-    (recon, bottleneck), pullback, (enc, feats) = jax.vjp(lambda p: self._generator(p, x, rng), gen, has_aux=True)
+    (recon, bottleneck), pullback, (z, enc, feats) = jax.vjp(lambda p: self._generator(p, x, rng), gen,
+                                                             has_aux=True)
 
     def nll_fn(r):
-      nll, rec, perceptual = self._nll(x, r)
-      return nll, (rec, perceptual)
+      rec = objective.reconstruction_loss(x, r, l.rec_type)
+      perceptual = jnp.mean(self.lpips.apply(lpips_params, x, r))
+      return rec + l.perceptual_weight * perceptual, (rec, perceptual)
 
     (nll, (rec, perceptual)), d_recon = jax.value_and_grad(nll_fn, has_aux=True)(recon)
-    metrics = {"rec_loss": rec, "lpips": perceptual, "nll": nll, "bottleneck_loss": bottleneck}
-    w_b = {"vq": l.codebook_weight, "kl": l.kl_weight}.get(self.cfg.bottleneck, 0.0)
-    total = nll + w_b * bottleneck
-    disc_stats = state.extra["disc_stats"]
-    if with_gan:
-      def g_fn(r):
-        logits, upd = self.disc.apply({"params": state.params["disc"], "batch_stats": disc_stats}, r,
-                                      train=True, mutable=["batch_stats"])
-        return gan.generator_loss(logits), (logits, upd["batch_stats"])
+    w_b = jnp.asarray(self._bottleneck_weight(), jnp.float32)
+    out = {"metrics": {"rec_loss": rec, "lpips": perceptual, "nll": nll, "bottleneck_loss": bottleneck,
+                       **self._latent_metrics(z, enc)}}
+    if not with_gan:
+      out["grads"] = pullback((d_recon, w_b))[0]
+      return out, disc_stats
 
-      (g, (logits_fake, disc_stats)), d_g = jax.value_and_grad(g_fn, has_aux=True)(recon)
-      dec = gen["decoder"]["conv_out"]
-      last_layer = jax.vjp(lambda w_: conv_out(jax.lax.stop_gradient(feats), w_, dec["bias"]), dec["kernel"])[1]
-      lam = gan.adaptive_weight(last_layer(d_recon)[0], last_layer(d_g)[0], l.disc_weight)
-      total = total + lam * l.disc_factor * g
-      d_recon = d_recon + lam * l.disc_factor * d_g
-      metrics.update(g_loss=g, adaptive_weight=lam, logits_fake=jnp.mean(logits_fake))
-    grads = pullback((d_recon, jnp.asarray(w_b, jnp.float32)))[0]
-    latent = jax.lax.stop_gradient(enc.codes).reshape(-1, enc.codes.shape[-1])
-    for i in range(latent.shape[-1]):
+    def g_fn(r):
+      logits, upd = self.disc.apply({"params": disc, "batch_stats": disc_stats}, r, train=True,
+                                    mutable=["batch_stats"])
+      return objective.generator_loss(logits), (logits, upd["batch_stats"])
+
+    (g, (logits_fake, disc_stats)), d_g = jax.value_and_grad(g_fn, has_aux=True)(recon)
+    dec = gen["decoder"]["conv_out"]
+    last_layer = jax.vjp(lambda w_: conv_out(jax.lax.stop_gradient(feats), w_, dec["bias"]), dec["kernel"])[1]
+    out["metrics"].update(g_loss=g, logits_fake=jnp.mean(logits_fake))
+    if combine:
+      lam = objective.adaptive_weight(last_layer(d_recon)[0], last_layer(d_g)[0], l.disc_weight)
+      out["lambda"] = lam
+      out["grads"] = pullback((d_recon + lam * l.disc_factor * d_g, w_b))[0]
+    else:
+      out["last_nll"], out["last_g"] = last_layer(d_recon)[0], last_layer(d_g)[0]
+      out["grads_nll"] = pullback((d_recon, w_b))[0]
+      out["grads_g"] = pullback((d_g, jnp.zeros_like(w_b)))[0]
+    return out, disc_stats
+
+  def _latent_metrics(self, z, enc) -> dict[str, jax.Array]:
+    """Per-channel mean / std of the latent before the bound (the scale iFSQ's argument is about), code stats."""
+    latent = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
+    metrics = {}
+    for i in range(min(latent.shape[-1], 8)):
       metrics[f"latent_mean/{i}"] = jnp.mean(latent[:, i])
       metrics[f"latent_std/{i}"] = jnp.std(latent[:, i])
     for k in ("usage", "perplexity"):
@@ -234,47 +288,93 @@ class TokenizerTrainer(loop.Trainer):
     if "channel_entropy_bits" in enc.stats:
       for i, e in enumerate(enc.stats["channel_entropy_bits"][:8]):
         metrics[f"codes/entropy_bits/{i}"] = e
+    return metrics
+
+  def generator_loss_and_grads(self, gen, batch, rng, state, with_gan, lpips_params):
+    """The generator's loss, its gradients, metrics and the discriminator's updated BatchNorm statistics,
+    over ``train.grad_accum_steps`` micro-batches.
+
+    Returns:
+      (total loss, gradients like ``gen``, metrics, disc batch statistics).
+    """
+    l = self.config.loss
+    m = self.config.train.grad_accum_steps
+    disc = state.params["disc"]
+
+    def micro(mb, r, stats):
+      return self._generator_parts(gen, disc, mb["image"], r, stats, lpips_params, with_gan, combine=m == 1)
+
+    out, disc_stats = state_lib.accumulate(micro, {"image": batch["image"]}, rng, m, state.extra["disc_stats"])
+    metrics = out["metrics"]
+    total = metrics["nll"] + self._bottleneck_weight() * metrics["bottleneck_loss"]
+    grads = out.get("grads")
+    if with_gan:
+      lam = out["lambda"] if m == 1 else objective.adaptive_weight(out["last_nll"], out["last_g"], l.disc_weight)
+      if grads is None:
+        grads = jax.tree.map(lambda a, b: a + lam * l.disc_factor * b, out["grads_nll"], out["grads_g"])
+      total = total + lam * l.disc_factor * metrics["g_loss"]
+      metrics["adaptive_weight"] = lam
     metrics["total_loss"] = total
     return total, grads, metrics, disc_stats
 
-  def train_steps(self):
+  def discriminator_loss_and_grads(self, state, batch, rng):
+    """The hinge loss, its gradients like ``params["disc"]``, metrics and updated statistics (micro-batched)."""
     l = self.config.loss
+    gen, disc = state.params["gen"], state.params["disc"]
 
-    def gen_step(state, batch, key, with_gan):
-      rng = jax.random.fold_in(key, state.step)
-      loss, grads, metrics, disc_stats = self.generator_loss_and_grads(state.params["gen"], batch, rng, state,
-                                                                      with_gan)
-      updates, opt = self.tx_gen.update(grads, state.opt_state["gen"], state.params["gen"])
-      gen = optax.apply_updates(state.params["gen"], updates)
-      new = state.replace(step=state.step + 1, params={**state.params, "gen": gen},
-                          opt_state={**state.opt_state, "gen": opt},
-                          ema_params=state_lib.ema_update(state.ema_params, gen, self.config.train.ema_decay),
-                          extra={"disc_stats": disc_stats})
-      return new, {**metrics, "loss": loss, "gen/loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    def disc_step(state, batch, key):
-      del key
-      x = batch["image"]
-      recon = jax.lax.stop_gradient(self.model.apply({"params": state.params["gen"]}, x)[0])
+    def micro(mb, r, stats):
+      del r
+      x = mb["image"]
+      recon = jax.lax.stop_gradient(self.model.apply({"params": gen}, x)[0])
 
       def loss_fn(dp):
-        stats = state.extra["disc_stats"]
         real, upd = self.disc.apply({"params": dp, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
         fake, upd = self.disc.apply({"params": dp, "batch_stats": upd["batch_stats"]}, recon, train=True,
                                     mutable=["batch_stats"])
-        loss = l.disc_factor * gan.hinge_d_loss(real, fake)
+        loss = l.disc_factor * objective.hinge_d_loss(real, fake)
         return loss, (upd["batch_stats"], jnp.mean(real), jnp.mean(fake))
 
-      (loss, (stats, real, fake)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["disc"])
-      updates, opt = self.tx_disc.update(grads, state.opt_state["disc"], state.params["disc"])
-      new = state.replace(step=state.step + 1,
-                          params={**state.params, "disc": optax.apply_updates(state.params["disc"], updates)},
-                          opt_state={**state.opt_state, "disc": opt}, extra={"disc_stats": stats})
-      return new, {"loss": loss, "disc/loss": loss, "logits_real": real, "disc/logits_fake": fake,
-                   "grad_norm": optax.tree.norm(grads)}
+      (loss, (stats, real, fake)), grads = jax.value_and_grad(loss_fn, has_aux=True)(disc)
+      return {"loss": loss, "real": real, "fake": fake, "grads": grads}, stats
 
-    return {"gen": lambda s, b, k: gen_step(s, b, k, False), "gen_gan": lambda s, b, k: gen_step(s, b, k, True),
-            "disc": disc_step}
+    out, stats = state_lib.accumulate(micro, {"image": batch["image"]}, rng, self.config.train.grad_accum_steps,
+                                      state.extra["disc_stats"])
+    metrics = {"disc/loss": out["loss"], "disc/logits_real": out["real"], "disc/logits_fake": out["fake"]}
+    return out["loss"], out["grads"], metrics, stats
+
+  def train_steps(self):
+    ema_decay = self.config.train.ema_decay
+
+    def gen_step(state, batch, key, frozen, with_gan):
+      loss, grads, metrics, disc_stats = self.generator_loss_and_grads(state.params["gen"], batch, key, state,
+                                                                      with_gan, frozen["lpips"])
+      norm = optax.tree.norm(grads)
+
+      def update(s):
+        updates, opt = self.tx_gen.update(grads, s.opt_state["gen"], s.params["gen"])
+        gen = optax.apply_updates(s.params["gen"], updates)
+        return s.replace(params={**s.params, "gen": gen}, opt_state={**s.opt_state, "gen": opt},
+                         ema_params=state_lib.ema_update(s.ema_params, gen, ema_decay),
+                         extra={"disc_stats": disc_stats})
+
+      new, nonfinite = state_lib.apply_if_finite(state, loss, norm, update)
+      return new, {**metrics, "loss": loss, "gen/loss": loss, "gen/grad_norm": norm, "nonfinite": nonfinite}
+
+    def disc_step(state, batch, key, frozen):
+      del frozen
+      loss, grads, metrics, stats = self.discriminator_loss_and_grads(state, batch, key)
+      norm = optax.tree.norm(grads)
+
+      def update(s):
+        updates, opt = self.tx_disc.update(grads, s.opt_state["disc"], s.params["disc"])
+        return s.replace(params={**s.params, "disc": optax.apply_updates(s.params["disc"], updates)},
+                         opt_state={**s.opt_state, "disc": opt}, extra={"disc_stats": stats})
+
+      new, nonfinite = state_lib.apply_if_finite(state, loss, norm, update)
+      return new, {**metrics, "disc/grad_norm": norm, "nonfinite": nonfinite}
+
+    return {"gen": lambda s, b, k, f: gen_step(s, b, k, f, False),
+            "gen_gan": lambda s, b, k, f: gen_step(s, b, k, f, True), "disc": disc_step}
 
   # --------------------------------------------------------------- evaluation
 
@@ -297,3 +397,6 @@ class TokenizerTrainer(loop.Trainer):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
   state = loop.run(TokenizerTrainer, config, workdir, schema=default_config(), devices=devices)
   return state
+
+
+TRAINER = TokenizerTrainer

@@ -25,7 +25,7 @@ from ifsq_jax.train import state as state_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
-  c = config_lib.base_config()
+  c = config_lib.add_image_data(config_lib.base_config())
   c.task = "toy"
   c.train.num_steps = 50
   c.train.log_every = 10
@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _conv(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
   init = nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                      (parallel.SPATIAL, parallel.SPATIAL, parallel.CONV_IN, parallel.CONV_OUT))
+                                      (parallel.KERNEL_H, parallel.KERNEL_W, parallel.CONV_IN, parallel.CONV_OUT))
   return nn.Conv(features, (3, 3), strides=stride, padding="SAME", kernel_init=init, name=name)
 
 
@@ -83,6 +83,23 @@ class ToyTrainer(loop.Trainer):
                                              batch_size=config.data.eval_examples)
     self._reconstruct = jax.jit(lambda params, images: self.model.apply({"params": params}, images)[0])
 
+  @classmethod
+  def validate(cls, config):
+    config_lib.validate_image_data(config)
+    bad = [l for l in config.model.levels if l < 2]
+    if bad:
+      raise config_lib.ConfigError(f"config.model.levels={tuple(config.model.levels)}: every level count must be >= 2.")
+
+  def train_data(self, process_index, process_count):
+    c = self.config
+    return pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
+                                       process_count=process_count)
+
+  def batch_shapes(self):
+    c = self.config
+    s, b = c.data.image_size, c.train.global_batch_size
+    return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32), "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
   def init_state(self, rng):
     s = self.config.data.image_size
     params = self.model.init(rng, jnp.zeros((1, s, s, 3)))["params"]
@@ -97,11 +114,13 @@ class ToyTrainer(loop.Trainer):
   def train_steps(self):
     t = self.config.train
 
-    def step(state, batch, key):
-      rng = jax.random.fold_in(key, state.step)
-      loss, aux, grads = state_lib.accumulate_gradients(self.loss_fn, state.params, batch, rng, t.grad_accum_steps)
-      new = state_lib.apply_gradients(state, grads, self.tx, t.ema_decay)
-      return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    def step(state, batch, key, frozen):
+      del frozen
+      loss, aux, grads = state_lib.accumulate_gradients(self.loss_fn, state.params, batch, key, t.grad_accum_steps)
+      norm = optax.tree.norm(grads)
+      new, nonfinite = state_lib.apply_if_finite(state, loss, norm,
+                                                 lambda s: state_lib.apply_gradients(s, grads, self.tx, t.ema_decay))
+      return new, {"loss": loss, "grad_norm": norm, "nonfinite": nonfinite, **aux}
 
     return {"train": step}
 
@@ -119,3 +138,6 @@ class ToyTrainer(loop.Trainer):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None
                        ) -> state_lib.TrainState:
   return loop.run(ToyTrainer, config, workdir, schema=default_config(), devices=devices)
+
+
+TRAINER = ToyTrainer

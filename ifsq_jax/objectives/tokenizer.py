@@ -1,4 +1,11 @@
-"""The tokenizer's GAN terms, as the reference's ``LPIPSWithDiscriminator2D`` (hinge, adaptive weight)."""
+"""The tokenizer's loss terms, as the reference's ``LPIPSWithDiscriminator2D``.
+
+Reconstruction (L1 or L2) plus a perceptual term, the hinge GAN losses and the
+adaptive weight of the generator's GAN term. Every term is a mean over the batch,
+so gradients accumulated over micro-batches equal the full batch's.
+
+B batch, H W image size.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,15 @@ import jax
 import jax.numpy as jnp
 
 ADAPTIVE_WEIGHT_MAX = 1e6  # the reference's clamp (taming uses 1e4)
+REC_TYPES = ("l1", "l2")
+
+
+def reconstruction_loss(x: jax.Array, recon: jax.Array, rec_type: str = "l1") -> jax.Array:
+  """``mean |x - x_hat|`` (l1) or ``mean (x - x_hat)^2`` (l2) over (B, H, W, 3), in float32."""
+  if rec_type not in REC_TYPES:
+    raise ValueError(f"rec_type={rec_type!r} is not valid; use one of {REC_TYPES}.")
+  d = x.astype(jnp.float32) - recon.astype(jnp.float32)
+  return jnp.mean(jnp.abs(d) if rec_type == "l1" else jnp.square(d))
 
 
 def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
