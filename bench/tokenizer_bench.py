@@ -7,17 +7,18 @@ For each image size and dtype it measures, in one run:
 * an L1-only training step (forward + backward + AdamW), the reference's measured case;
 * the full generator step with LPIPS-VGG and the discriminator (adaptive weight included).
 
-FLOPs come from XLA's cost analysis of each program compiled with XLA's own
-convolutions (the program that runs uses oneDNN's on one CPU device, the same
+FLOPs come from XLA's cost analysis of each program built with ``conv_impl="xla"``
+(the program that runs uses oneDNN's convolutions on one CPU device, the same
 arithmetic, and XLA counts no FLOPs in foreign calls); utilisation is
 FLOPs / step time / the matmul peak measured right before and right after that
 case (the better of the two, so a slow moment of a shared machine does not
 inflate it; the machine's speed drifts over minutes, so each case is set against
 its own neighbouring peaks). Programs are compiled as the entry points compile them
-(``ifsq_jax.host_memory.setup``: XLA's memory-optimised CPU scheduler).
+(``ifsq_jax.kernels.cpu.host_memory.setup``: XLA's memory-optimised CPU scheduler).
 
-With ``--xla``, each case is timed again right after with XLA's own
-convolutions (the fallback where oneDNN is not used), and the speed ratio printed.
+With ``--xla``, each case is timed again right after with the model's
+``conv_impl="xla"`` (XLA's convolutions, the fallback where oneDNN is not used),
+and the speed ratio printed.
 
 With ``--torch``, the same float32 encode + decode and L1 step also run in PyTorch
 on the official architecture (``bench/torch_tokenizer.py``: NCHW, AdamW, as the
@@ -29,7 +30,7 @@ Usage: ``python bench/tokenizer_bench.py [--sizes 128 256] [--dtypes float32 bfl
 [--scheduler memory|concurrency] [--xla] [--torch]``
 (each case runs twice to warm up, then ``repeats`` timed times; the best is kept).
 Freed host memory is kept in the process, as the entry points do on CPU; ``IFSQ_JAX_KEEP_FREED_MEMORY=0``
-measures glibc's own settings (``ifsq_jax.host_memory``).
+measures glibc's own settings (``ifsq_jax.kernels.cpu.host_memory``).
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ import resource
 import time
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ifsq_jax import host_memory, parallel
-from ifsq_jax.models import onednn
+from ifsq_jax import parallel
+from ifsq_jax.kernels.cpu import host_memory, onednn
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from ifsq_jax.train import tokenizer as trainer_lib
 
@@ -66,16 +68,13 @@ def timed(fn, *args, repeats: int = 3) -> tuple[float, float]:
   return best, (resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys_start) / repeats
 
 
-def flops(fn, *args) -> float:
-  """XLA's cost-analysis FLOPs of ``fn`` compiled with XLA's own convolutions.
+def flops(xla_fn, *args) -> float:
+  """XLA's cost-analysis FLOPs of ``xla_fn``, the case built with ``conv_impl="xla"``.
 
   XLA counts no FLOPs in a foreign (FFI) call, so the oneDNN convolutions are
   counted as the XLA convolutions they replace: the same arithmetic.
   """
-  jax.clear_caches()  # retrace: tracing decides which convolutions run
-  with onednn.forced(False):
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  jax.clear_caches()
+  cost = jax.jit(xla_fn).lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0))
 
@@ -120,6 +119,32 @@ def torch_cases(cfg: TokenizerConfig, images: np.ndarray) -> list[tuple[str, Cal
   return list(zip(TORCH_CASES, (recon, l1_step)))
 
 
+def jax_cases(size: int, dtype_name: str, conv_impl: str, tx) -> tuple[list[tuple[str, Callable]], Callable]:
+  """The three JAX cases (names, step functions) of the f16-d4 tokenizer with ``conv_impl``, and its state init."""
+  model = Tokenizer(TokenizerConfig(resolution=size, conv_impl=conv_impl), dtype=jnp.dtype(dtype_name))
+
+  def l1_step(p, o, x):
+    loss, g = jax.value_and_grad(lambda p: jnp.mean(jnp.abs(model.apply({"params": p}, x)[0] - x)))(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+
+  cfg = trainer_lib.default_config()
+  cfg.data.name, cfg.data.image_size, cfg.data.eval_examples = "embedded", size, 4
+  cfg.train.compute_dtype = dtype_name
+  cfg.loss.disc_start = 0
+  cfg.model.conv_impl = conv_impl
+  trainer = trainer_lib.TokenizerTrainer(cfg, parallel.make_mesh(-1, 1, 1))
+  cases = [("encode + decode", lambda p, x: model.apply({"params": p}, x)[0]), ("L1 training step", l1_step),
+           ("full G step (LPIPS + GAN)", trainer.train_steps()["gen_gan"])]
+
+  def init(x):
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x[:1]))["params"]
+    state = nn.meta.unbox(jax.jit(trainer.init_state)(jax.random.key(0)))
+    return params, state, trainer.frozen()
+
+  return cases, init
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
@@ -146,48 +171,27 @@ def main() -> None:
     peaks = [matmul_peak(dtype)]
     rows = []
     for size in args.sizes:
-      model = Tokenizer(TokenizerConfig(resolution=size), dtype=dtype)
       x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (args.batch, size, size, 3)), jnp.float32)
-      params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
       tx = optax.adamw(1e-4, weight_decay=0.0)
-      opt = tx.init(params)
-
-      recon = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-
-      def l1_step(p, o, x):
-        loss, g = jax.value_and_grad(lambda p: jnp.mean(jnp.abs(model.apply({"params": p}, x)[0] - x)))(p)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-
-      l1 = jax.jit(l1_step)
-      cases = [("encode + decode", recon, (params, x)), ("L1 training step", l1, (params, opt, x))]
-
-      cfg = trainer_lib.default_config()
-      cfg.data.name, cfg.data.image_size, cfg.data.eval_examples = "embedded", size, 4
-      cfg.train.compute_dtype = dtype_name
-      cfg.loss.disc_start = 0
-      trainer = trainer_lib.TokenizerTrainer(cfg, parallel.make_mesh(-1, 1, 1))
-      state = jax.jit(trainer.init_state)(jax.random.key(0))
-      full = jax.jit(trainer.train_steps()["gen_gan"])
-      cases.append(("full G step (LPIPS + GAN)", full, (state, {"image": x}, jax.random.key(1))))
-      for name, fn, fargs in cases:
-        fl = flops(fn, *fargs)
-        t, kernel = timed(fn, *fargs, repeats=args.repeats)
+      cases, init = jax_cases(size, dtype_name, "auto", tx)
+      xla_cases, _ = jax_cases(size, dtype_name, "xla", tx)  # the same parameters and state
+      params, state, frozen = init(x)
+      case_args = ((params, x), (params, tx.init(params), x), (state, {"image": x}, jax.random.key(1), frozen))
+      for (name, fn), (_, xla_fn), fargs in zip(cases, xla_cases, case_args):
+        fl = flops(xla_fn, *fargs)
+        t, kernel = timed(jax.jit(fn), *fargs, repeats=args.repeats)
         peaks.append(matmul_peak(dtype))
         rows.append((f"{size}x{size} {name}", t, fl, kernel, max(peaks[-2:])))
         print(f"  ({size}x{size} {name}: {t:.2f} s)", flush=True)
         if args.xla and onednn.usable():
-          jax.clear_caches()  # retrace: tracing decides which convolutions run
-          with onednn.forced(False):
-            t_xla, kernel = timed(jax.jit(fn), *fargs, repeats=args.repeats)
-          jax.clear_caches()
+          t_xla, kernel = timed(jax.jit(xla_fn), *fargs, repeats=args.repeats)
           peaks.append(matmul_peak(dtype))
           rows.append((f"{size}x{size} {name}, XLA convs", t_xla, fl, kernel, max(peaks[-2:])))
           print(f"  ({size}x{size} {name}, XLA's convolutions: {t_xla:.2f} s, oneDNN {t_xla / t:.2f}x as fast)",
                 flush=True)
       if args.torch and dtype == jnp.float32:
         jax_rows = {r[0]: r for r in rows}
-        for name, fn in torch_cases(model.cfg, np.asarray(x)):
+        for name, fn in torch_cases(TokenizerConfig(resolution=size), np.asarray(x)):
           t, kernel = timed(fn, repeats=args.repeats)
           peaks.append(matmul_peak(dtype))
           jax_t, fl = jax_rows[f"{size}x{size} {name}"][1:3]

@@ -7,7 +7,7 @@ import tempfile
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
-from ifsq_jax import host_memory  # noqa: E402
+from ifsq_jax.kernels.cpu import host_memory  # noqa: E402
 
 host_memory.use_memory_scheduler()  # as the entry points compile
 # Runs that rebuild the same programs (resume, two meshes, subprocesses) reuse compilations.

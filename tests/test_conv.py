@@ -1,4 +1,5 @@
-"""The CPU-fast convolution: nn.Conv's parameters and outputs, XLA's gradients, with and without oneDNN."""
+"""The tokenizer's convolution: nn.Conv's outputs and XLA's gradients with each impl, PyTorch's initialisation,
+logical axis names."""
 
 import flax.linen as nn
 import jax
@@ -6,10 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ifsq_jax.models import conv, onednn
+from ifsq_jax import parallel
+from ifsq_jax.kernels.cpu import onednn
+from ifsq_jax.models import conv
+
+LECUN = dict(kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros_init())  # nn.Conv's
 
 
-@pytest.mark.parametrize("use_onednn", [False, True], ids=["xla", "onednn"])
+@pytest.mark.parametrize("impl", ["xla", "onednn"])
 @pytest.mark.parametrize("size,channels,kernel,stride,padding", [
     (64, 32, 3, 1, "SAME"),        # per-tap kernel gradient
     (64, 32, 4, 1, "SAME"),        # even kernel: XLA's uneven SAME split
@@ -21,16 +26,15 @@ from ifsq_jax.models import conv, onednn
     (32, 16, 4, 2, ((1, 1), (1, 1))),  # the discriminator's convolutions
     (33, 16, 3, 2, "SAME"),
 ])
-def test_conv_matches_nn_conv_in_init_output_and_gradients(size, channels, kernel, stride, padding, use_onednn):
-  with onednn.forced(use_onednn):
-    _check_against_nn_conv(size, channels, kernel, stride, padding)
-
-
-def _check_against_nn_conv(size, channels, kernel, stride, padding):
+def test_conv_matches_nn_conv_in_init_output_and_gradients(size, channels, kernel, stride, padding, impl):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
-  ours = conv.Conv(channels, kernel, stride, padding)
+  ours = conv.Conv(channels, kernel, stride, padding, impl=impl, **LECUN)
   ref = nn.Conv(channels, (kernel, kernel), strides=stride, padding=padding)
-  p, q = ours.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
+  if impl == "onednn" and not onednn.load():  # where oneDNN cannot load, asking for it is an error saying why
+    with pytest.raises(RuntimeError, match="oneDNN convolutions are not available"):
+      ours.init(jax.random.key(1), x)
+    return
+  p, q = nn.meta.unbox(ours.init(jax.random.key(1), x)), ref.init(jax.random.key(1), x)
   assert jax.tree.structure(p) == jax.tree.structure(q)
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
     np.testing.assert_array_equal(a, b)
@@ -62,7 +66,7 @@ def test_kernel_gradient_takes_one_matmul_per_tap_on_large_outputs_and_one_in_al
 def test_bf16_gradient_accumulates_in_float32():
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 8))
   m = conv.Conv(32, dtype=jnp.bfloat16)
-  p = m.init(jax.random.key(1), x)
+  p = nn.meta.unbox(m.init(jax.random.key(1), x))
   g = jax.grad(lambda p: jnp.sum(m.apply(p, x).astype(jnp.float32) ** 2))(p)
   r = jax.grad(lambda p: jnp.sum(nn.Conv(32, (3, 3), dtype=jnp.bfloat16).apply(p, x).astype(jnp.float32) ** 2))(p)
   assert g["params"]["kernel"].dtype == jnp.float32
@@ -83,10 +87,41 @@ def test_no_bias_and_kernel_init_as_nn_conv():
   init = nn.initializers.normal(0.02)
   ours = conv.Conv(16, 4, 2, ((1, 1), (1, 1)), use_bias=False, kernel_init=init)
   ref = nn.Conv(16, (4, 4), strides=2, padding=((1, 1), (1, 1)), use_bias=False, kernel_init=init)
-  p, q = ours.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
+  p, q = nn.meta.unbox(ours.init(jax.random.key(1), x)), ref.init(jax.random.key(1), x)
   assert set(p["params"]) == set(q["params"]) == {"kernel"}
   np.testing.assert_array_equal(p["params"]["kernel"], q["params"]["kernel"])
   np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-5, atol=1e-5)
   gp = jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2))(p)
   gq = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(p)
   np.testing.assert_allclose(gp["params"]["kernel"], gq["params"]["kernel"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,in_channels,out_channels", [(3, 128, 256), (1, 512, 4), (4, 3, 64), (3, 4, 512)])
+def test_default_init_is_pytorch_conv2d_default(kernel, in_channels, out_channels):
+  """kaiming_uniform(a=sqrt(5)) weights and uniform biases: both U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  ref = torch.nn.Conv2d(in_channels, out_channels, kernel)
+  x = jnp.zeros((1, 8, 8, in_channels))
+  p = nn.meta.unbox(conv.Conv(out_channels, kernel).init(jax.random.key(0), x))["params"]
+  bound = 1.0 / np.sqrt(kernel * kernel * in_channels)
+  for ours, theirs in ((p["kernel"], ref.weight), (p["bias"], ref.bias)):
+    ours, theirs = np.asarray(ours), theirs.detach().numpy()
+    assert ours.size == theirs.size
+    # The same support: the largest magnitude just below the bound (many draws: within a few percent of it).
+    assert np.abs(ours).max() <= bound and np.abs(theirs).max() <= bound
+    near = 0.9 if ours.size >= 64 else 0.5
+    assert np.abs(ours).max() > near * bound and np.abs(theirs).max() > near * bound
+    if ours.size >= 4096:  # the std of U(-b, b) is b / sqrt(3); both within a few percent of it
+      for a in (ours, theirs):
+        np.testing.assert_allclose(a.std(), bound / np.sqrt(3), rtol=0.03)
+        assert abs(a.mean()) < 0.02 * bound
+
+
+def test_params_carry_logical_axis_names():
+  x = jnp.zeros((1, 8, 8, 4))
+  boxed = conv.Conv(16, 3).init(jax.random.key(0), x)["params"]
+  assert isinstance(boxed["kernel"], nn.LogicallyPartitioned) and isinstance(boxed["bias"], nn.LogicallyPartitioned)
+  assert boxed["kernel"].names == (parallel.KERNEL_H, parallel.KERNEL_W, parallel.CONV_IN, parallel.CONV_OUT)
+  assert boxed["bias"].names == (parallel.CONV_OUT,)
+  assert nn.meta.unbox(boxed)["kernel"].shape == (3, 3, 4, 16)

@@ -1,5 +1,6 @@
 """The PatchGAN discriminator against the official NLayerDiscriminator2D (tests/golden/discriminator.npz)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,7 @@ def test_train_mode_output_and_batchnorm_statistics_match_the_reference():
 
 def test_init_follows_the_reference_weights_init():
   model = PatchDiscriminator()  # ndf 64, n_layers 4 as the tokenizer's loss
-  v = model.init(jax.random.key(0), jnp.zeros((2, 64, 64, 3)), train=True)
+  v = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((2, 64, 64, 3)), train=True))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v["params"]))
   # NLayerDiscriminator2D(3, 64, n_layers=4): 3*64*16+64, then (64->128, 128->256, 256->512) stride 2 and
   # 512->512 stride 1 without bias plus BN scale/bias, then 512*16+1.
@@ -39,3 +40,17 @@ def test_init_follows_the_reference_weights_init():
   assert abs(k.std() - 0.02) < 0.002 and "bias" not in v["params"]["main_5"]
   np.testing.assert_allclose(np.asarray(v["params"]["main_3"]["scale"]).mean(), 1.0, atol=0.01)
   assert not np.asarray(v["params"]["main_3"]["bias"]).any()
+  # Conv biases: PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan_in = 4 * 4 * C_in).
+  for name, fan_in in (("main_0", 4 * 4 * 3), ("main_14", 4 * 4 * 512)):
+    b = np.asarray(v["params"][name]["bias"])
+    assert b.any() and np.abs(b).max() <= 1 / np.sqrt(fan_in)
+  assert np.abs(np.asarray(v["params"]["main_0"]["bias"])).max() > 0.5 / np.sqrt(48)  # 64 draws over the range
+
+
+def test_every_parameter_and_statistic_has_logical_axis_names():
+  boxed = jax.eval_shape(lambda: PatchDiscriminator(ndf=16, n_layers=3).init(
+      jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=True))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  assert all(len(x.names) == len(x.value.shape) for x in leaves)
+  assert set(boxed) == {"params", "batch_stats"}

@@ -7,11 +7,11 @@ import sys
 import pytest
 from conftest import subprocess_env
 
-from ifsq_jax import host_memory
+from ifsq_jax.kernels.cpu import host_memory
 
 SCRIPT = """
 import resource
-from ifsq_jax import host_memory
+from ifsq_jax.kernels.cpu import host_memory
 print("set", host_memory.from_env())
 import jax, jax.numpy as jnp
 f = jax.jit(lambda a: jnp.sum(jnp.tanh(jnp.tanh(a @ a) @ a)))  # 36 MiB temporaries
@@ -57,7 +57,7 @@ def test_from_env_leaves_accelerator_runs_alone_and_rejects_other_values(monkeyp
 
 SCHEDULER_SCRIPT = """
 import ifsq_jax.main  # all the entry point imports, before its setup
-from ifsq_jax import host_memory
+from ifsq_jax.kernels.cpu import host_memory
 host_memory.setup()
 import jax, jax.numpy as jnp
 

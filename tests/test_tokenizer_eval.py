@@ -27,6 +27,7 @@ def _tokenizer_dir(path):
   cfg = TokenizerConfig(hidden_size=32, hidden_size_mult=(1, 1), num_res_blocks=1, downsample=(True, False),
                         upsample=(False, True), resolution=SIZE, levels=(5, 5, 5, 5))
   params = Tokenizer(cfg).init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))["params"]
+  params = nn.meta.unbox(params)  # plain arrays (init gives them logical axis names)
   params = jax.tree.map(lambda p: np.asarray(p) * 3.0, params)  # spread the latent over the levels
   torch_io.save_converted(str(path), params, {"kind": "tokenizer", "model": dataclasses.asdict(cfg)})
   return str(path)

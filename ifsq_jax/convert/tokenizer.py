@@ -16,6 +16,7 @@ import os
 import re
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -63,6 +64,7 @@ def convert(sd: dict[str, np.ndarray], cfg: TokenizerConfig, allow_partial: bool
   """State dict -> {"params": ...} for ``Tokenizer(cfg)``."""
   sd = {k.removeprefix("module."): v for k, v in sd.items()}
   abstract = jax.eval_shape(lambda: Tokenizer(cfg).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+  abstract = nn.meta.unbox(abstract)  # the parameters carry logical axis names
   params: dict[str, Any] = {}
   used = set()
   for key, value in sd.items():

@@ -1,96 +1,119 @@
-"""A 2-D convolution that is fast on CPU.
+"""The tokenizer's 2-D convolution, whose implementation is a visible field.
 
-In a CPU process with one device, when oneDNN loads (:mod:`ifsq_jax.models.onednn`), the
-forward pass, the input gradient and the kernel gradient are oneDNN's (float32,
-or bfloat16 on AMX/AVX-512 cores). Otherwise (several devices in the process, other dtypes,
-oneDNN missing) XLA's convolution runs with the kernel gradient below.
+:func:`conv2d` and :class:`Conv` take ``impl``, one of :data:`IMPLS`:
 
-XLA's CPU backend computes the kernel gradient of a convolution as another
-convolution, with an image-sized "kernel", which runs far below the matmul peak:
-for (4, 128, 128, 128) -> 128, 3x3, it takes about 5 times the forward pass
-(0.36 s against 0.07 s on 2 cores), a 1x1 convolution's takes 10 times a matmul
-of the same FLOPs ((4, 32, 32, 256) -> 512: 54 ms against 6 ms), and a stride-2
-one transposes its input first ((4, 129, 129, 128) -> 64x64: 104 ms). Here the
-kernel gradient is a sum over pixels of outer products, taken as matmuls:
+* ``"xla"``: XLA's convolution. On CPU its kernel gradient is taken as matmuls
+  (:mod:`ifsq_jax.kernels.cpu.conv_grad`: XLA's own runs far below the matmul peak).
+* ``"onednn"``: oneDNN's forward pass, input gradient and kernel gradient
+  (:mod:`ifsq_jax.kernels.cpu.onednn`), float32 or bfloat16 operands of one dtype,
+  on the CPU backend, whatever the number of devices. Where oneDNN does not load
+  (no compiler, no oneDNN wheel, not x86-64 Linux, ``IFSQ_JAX_ONEDNN=0``), or on
+  another backend, or for other dtypes, tracing raises an error saying why.
+* ``"auto"`` (the default): ``"onednn"`` in a CPU process with a single device
+  where oneDNN loads, for float32 / bfloat16 operands; ``"xla"`` otherwise (with
+  one warning from the loader when oneDNN fails to load).
 
-* per kernel tap: the output gradient, transposed once to (O, BHoWo), times the
-  input view that tap sees, (BHoWo, C) (shifted, and strided for a strided
-  convolution). That operand layout runs on XLA's fastest CPU matmul path
-  (0.15 s for the case above);
-* on small outputs (at most 16x16 pixels per image) or with a handful of input
-  channels: the views of all taps side by side, (BHoWo, kh*kw*C), times the
-  output gradient in one matmul: a longer matmul beats nine short ones there
-  ((4, 8, 8, 512) -> 512: 5.5 ms against 6.6 ms for XLA's gradient and 8.7 ms per tap).
+For both ``"auto"`` and ``"onednn"``, a convolution that oneDNN cannot build on
+this processor (oneDNN 3.2 builds no bfloat16 convolution without AVX-512; see
+:func:`ifsq_jax.kernels.cpu.onednn.build_error`) runs as ``"xla"``, with one
+logged warning per dtype: a config that asks for oneDNN still runs everywhere.
 
-Other backends keep XLA's convolution; without oneDNN the input gradient is XLA's.
+The choice is made when a function is traced, from the field and the shapes;
+nothing global is read.
 
-:class:`Conv` is a drop-in for ``nn.Conv(features, (k, k), strides, padding)``:
-same parameter names, shapes and initialisation.
+:class:`Conv` is ``nn.Conv(features, (k, k), strides, padding)`` with the same
+parameter names and shapes; its parameters carry logical axis names
+(``KERNEL_H, KERNEL_W, CONV_IN, CONV_OUT`` for the kernel, ``CONV_OUT`` for the
+bias) and its default initialisation is PyTorch's ``nn.Conv2d``'s.
 
 B batch, H W input size, Ho Wo output size, C input channels, O output channels.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ifsq_jax.models import onednn
+from ifsq_jax.kernels.cpu import conv_grad, onednn
+from ifsq_jax.parallel import CONV_IN, CONV_OUT, KERNEL_H, KERNEL_W
 
-_DIMS = ("NHWC", "HWIO", "NHWC")
-# Measured on CPU: up to this many output pixels per image, all taps in one matmul beat one matmul per tap.
-MAX_IM2COL_PIXELS = 16 * 16
-MAX_IM2COL_CHANNELS = 8  # kh * kw * C at most 72 columns: the first layer on RGB images
+IMPLS = ("auto", "xla", "onednn")
+KERNEL_AXES = (KERNEL_H, KERNEL_W, CONV_IN, CONV_OUT)
+BIAS_AXES = (CONV_OUT,)
 
 Padding = str | Sequence[tuple[int, int]]
+_warned_dtypes: set[str] = set()  # dtypes whose oneDNN fallback was logged (one warning each per process)
 
 
-def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=_DIMS)
+def check_impl(impl: str) -> str:
+  """Returns ``impl`` if it is one of :data:`IMPLS`; otherwise a ValueError naming it and the valid ones."""
+  if impl not in IMPLS:
+    raise ValueError(f"conv impl={impl!r} is not valid; use one of {IMPLS}.")
+  return impl
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_matmul_grad(x: jax.Array, kernel: jax.Array, stride: int, pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  return _xla_conv(x, kernel, stride, pads)
+# PyTorch's default initialisation of nn.Conv2d / nn.Linear: kaiming_uniform(a=sqrt(5)) gives
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (variance 1 / (3 fan_in)), fan_in = kh * kw * C (C for a Linear).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _fwd(x, kernel, stride, pads):
-  return _xla_conv(x, kernel, stride, pads), (x, kernel)
+def torch_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+  """PyTorch's default bias initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in of the layer's kernel."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
-def _bwd(stride, pads, res, g):
-  x, kernel = res
-  dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, pads), x)[1](g)[0]
-  return dx, kernel_grad(x, g, kernel.shape, stride, pads).astype(kernel.dtype)
+def _pads(x_shape, kernel_shape, stride: int, padding: Padding) -> tuple[tuple[int, int], ...]:
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      raise ValueError(f"padding={padding!r}: use 'SAME', 'VALID' or ((top, bottom), (left, right)).")
+    return tuple(jax.lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], (stride, stride), padding))
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if len(pads) != 2:
+    raise ValueError(f"padding={padding!r}: give ((top, bottom), (left, right)).")
+  return pads
 
 
-_conv_matmul_grad.defvjp(_fwd, _bwd)
+def _onednn_runs(impl: str, x: jax.Array, kernel: jax.Array, stride: int, pads) -> bool:
+  """Whether this convolution goes to oneDNN (``impl`` "auto" or "onednn"); raises for an impossible "onednn"."""
+  explicit = impl == "onednn"
+  if explicit:
+    if jax.default_backend() != "cpu":
+      raise RuntimeError(f"conv impl='onednn' runs on the CPU backend only, not {jax.default_backend()!r}; "
+                         "use impl='auto' or 'xla'.")
+    if not onednn.load():
+      raise RuntimeError(f"conv impl='onednn': oneDNN convolutions are not available here "
+                         f"({onednn.unavailable_reason()}); use impl='auto' or 'xla'.")
+  elif not onednn.usable():
+    return False
+  dtype = jnp.dtype(x.dtype)
+  if dtype != kernel.dtype or dtype not in onednn.DTYPES:
+    if explicit:
+      raise ValueError(f"conv impl='onednn' takes float32 or bfloat16 input and kernel of one dtype, not "
+                       f"{dtype.name} and {jnp.dtype(kernel.dtype).name}; use impl='auto' or 'xla'.")
+    return False
+  error = onednn.build_error(dtype, tuple(x.shape), tuple(kernel.shape), stride, pads)
+  if error is not None:
+    if dtype.name not in _warned_dtypes:
+      _warned_dtypes.add(dtype.name)
+      logging.warning("oneDNN cannot build %s convolutions on this processor (first: %s * %s, stride %d): %s. "
+                      "XLA's convolutions run instead.", dtype.name, tuple(x.shape), tuple(kernel.shape), stride,
+                      error)
+    return False
+  return True
 
 
-def kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int,
-                pads: Sequence[tuple[int, int]]) -> jax.Array:
-  """(B, H, W, C) input, (B, Ho, Wo, O) output gradient -> (kh, kw, C, O) kernel gradient, in float32."""
-  kh, kw, c, o = kernel_shape
-  b, ho, wo = g.shape[:3]
-  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  views = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :].reshape(b * ho * wo, c)
-           for i in range(kh) for j in range(kw)]
-  g = g.reshape(b * ho * wo, o)
-  if kh * kw > 1 and (ho * wo <= MAX_IM2COL_PIXELS or c <= MAX_IM2COL_CHANNELS):
-    cols = jnp.concatenate(views, axis=-1)  # (BHoWo, kh*kw*C)
-    dk = jax.lax.dot_general(cols, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dk.reshape(kh, kw, c, o)
-  # g transposed once, kept apart from the matmuls (folded into them, XLA would take a slower matmul path).
-  gt = jax.lax.optimization_barrier(g.T)
-  taps = [jnp.matmul(gt, v, preferred_element_type=jnp.float32) for v in views]  # (O, C) each
-  return jnp.stack(taps).reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "SAME") -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "SAME",
+           impl: str = "auto") -> jax.Array:
   """(B, H, W, C) * (kh, kw, C, O) -> (B, Ho, Wo, O), as ``nn.Conv`` (no bias).
 
   Args:
@@ -98,24 +121,23 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = 
     kernel: Kernel, HWIO.
     stride: The same stride along both axes.
     padding: ``"SAME"``, ``"VALID"`` or ((top, bottom), (left, right)).
+    impl: ``"auto"``, ``"xla"`` or ``"onednn"`` (see the module docstring).
+
+  Raises:
+    ValueError: a bad ``padding`` or ``impl``, or dtypes ``impl="onednn"`` does not take.
+    RuntimeError: ``impl="onednn"`` off the CPU backend or where oneDNN does not load.
   """
-  if isinstance(padding, str):
-    if padding not in ("SAME", "VALID"):
-      raise ValueError(f"padding={padding!r}: use 'SAME', 'VALID' or ((top, bottom), (left, right)).")
-    pads = tuple(jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding))
-  else:
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if len(pads) != 2:
-      raise ValueError(f"padding={padding!r}: give ((top, bottom), (left, right)).")
+  check_impl(impl)
+  pads = _pads(x.shape, kernel.shape, stride, padding)
+  if impl != "xla" and _onednn_runs(impl, x, kernel, stride, pads):
+    return onednn.conv(x, kernel, stride, pads)
   if jax.default_backend() == "cpu":
-    if x.dtype == kernel.dtype and x.dtype in (jnp.float32, jnp.bfloat16) and onednn.usable():
-      return onednn.conv(x, kernel, stride, pads)
-    return _conv_matmul_grad(x, kernel, stride, pads)
-  return _xla_conv(x, kernel, stride, pads)
+    return conv_grad.conv(x, kernel, stride, pads)
+  return conv_grad.xla_conv(x, kernel, stride, pads)
 
 
 class Conv(nn.Module):
-  """``nn.Conv(features, (kernel_size, kernel_size), strides, padding)`` (same parameters).
+  """``nn.Conv(features, (kernel_size, kernel_size), strides, padding)`` (same parameter names and shapes).
 
   Attributes:
     features: Output channels O.
@@ -123,7 +145,9 @@ class Conv(nn.Module):
     strides: The same stride along both axes.
     padding: ``"SAME"``, ``"VALID"`` or ((top, bottom), (left, right)).
     use_bias: Whether to add a bias.
-    kernel_init: Kernel initializer (``nn.Conv``'s default).
+    impl: The convolution, ``"auto"``, ``"xla"`` or ``"onednn"`` (see the module docstring).
+    kernel_init: Kernel initializer (default PyTorch's: U(+-1/sqrt(k*k*C))).
+    bias_init: Bias initializer; None for PyTorch's default, U(+-1/sqrt(k*k*C)).
     dtype: Compute dtype (inputs, kernel and bias are cast to it, as ``nn.Conv``).
   """
 
@@ -132,14 +156,21 @@ class Conv(nn.Module):
   strides: int = 1
   padding: Padding = "SAME"
   use_bias: bool = True
-  kernel_init: Callable[..., jax.Array] = nn.linear.default_kernel_init
+  impl: str = "auto"
+  kernel_init: Callable[..., jax.Array] = torch_kernel_init
+  bias_init: Callable[..., jax.Array] | None = None
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,)) if self.use_bias else None
+    check_impl(self.impl)
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, KERNEL_AXES),
+                        (k, k, c, self.features))
+    bias = None
+    if self.use_bias:
+      bias_init = self.bias_init or torch_bias_init(k * k * c)
+      bias = self.param("bias", nn.with_logical_partitioning(bias_init, BIAS_AXES), (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv2d(x, kernel, self.strides, self.padding)
+    y = conv2d(x, kernel, self.strides, self.padding, self.impl)
     return y if bias is None else y + bias

@@ -3,8 +3,11 @@
 Conv 4x4 stride 2 + LeakyReLU(0.2); ``n_layers - 1`` blocks of Conv 4x4 stride 2
 (no bias) + BatchNorm + LeakyReLU with widths ``ndf * min(2^n, 8)``; one more at
 stride 1; a final 4x4 stride-1 conv to one logit per patch. All convs pad 1.
-Initialisation as the reference's ``weights_init``: conv weights N(0, 0.02), BN
-scale N(1, 0.02), BN bias 0.
+Initialisation as the reference's ``weights_init``: conv weights N(0, 0.02), conv
+biases PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), BN scale N(1, 0.02),
+BN bias 0. Parameters and BN statistics carry logical axis names (conv kernels
+``KERNEL_H, KERNEL_W, CONV_IN, CONV_OUT``, biases ``CONV_OUT``, BN ``NORM``); the
+convolution is chosen by ``conv_impl`` (:mod:`ifsq_jax.models.conv`).
 
 BatchNorm in training uses the statistics of the batch it sees, with the biased
 variance for normalising and the unbiased one for the running average (momentum
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ifsq_jax.models.conv import Conv
+from ifsq_jax.parallel import NORM
 
 
 class BatchNorm(nn.Module):
@@ -36,10 +40,11 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param("scale", lambda k, s: 1.0 + 0.02 * jax.random.normal(k, s), (c,))
-    bias = self.param("bias", nn.initializers.zeros, (c,))
-    mean_ra = self.variable("batch_stats", "mean", jnp.zeros, (c,))
-    var_ra = self.variable("batch_stats", "var", jnp.ones, (c,))
+    norm = lambda init: nn.with_logical_partitioning(init, (NORM,))
+    scale = self.param("scale", norm(lambda k, s: 1.0 + 0.02 * jax.random.normal(k, s)), (c,))
+    bias = self.param("bias", norm(nn.initializers.zeros), (c,))
+    mean_ra = self.variable("batch_stats", "mean", norm(jnp.zeros), (c,))
+    var_ra = self.variable("batch_stats", "var", norm(jnp.ones), (c,))
     x32 = x.astype(jnp.float32)
     if train:
       mean = jnp.mean(x32, axis=(0, 1, 2))
@@ -55,19 +60,27 @@ class BatchNorm(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-  """(B, H, W, 3) images in [-1, 1] -> (B, h, w, 1) patch logits."""
+  """(B, H, W, 3) images in [-1, 1] -> (B, h, w, 1) patch logits.
+
+  Attributes:
+    ndf: Width of the first layer.
+    n_layers: Stride-2 layers (the last of them at stride 1).
+    dtype: Compute dtype of the convolutions.
+    conv_impl: The convolutions: ``"auto"``, ``"xla"`` or ``"onednn"`` (:mod:`ifsq_jax.models.conv`).
+  """
 
   ndf: int = 64
   n_layers: int = 4
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     init = nn.initializers.normal(0.02)
 
     def conv(features, stride, index, bias):
-      return Conv(features, 4, stride, ((1, 1), (1, 1)), use_bias=bias, kernel_init=init, dtype=self.dtype,
-                  name=f"main_{index}")  # nn.Conv's layer, faster to train on CPU
+      return Conv(features, 4, stride, ((1, 1), (1, 1)), use_bias=bias, impl=self.conv_impl, kernel_init=init,
+                  dtype=self.dtype, name=f"main_{index}")
 
     h = nn.leaky_relu(conv(self.ndf, 2, 0, True)(x.astype(self.dtype)), 0.2)
     index = 2

@@ -14,6 +14,12 @@ over H*W for each channel (rows added together, which vectorises), and the
 (B, C) sums are then added up per group: 8 ms for the same map. Accelerators
 run either form at memory speed.
 
+That is why this layer lives here, as a plain Linen layer, and not among the CPU
+kernels (:mod:`ifsq_jax.kernels.cpu`): it is one formulation of the same
+arithmetic in ``jax.numpy``, correct and as fast on every backend, with nothing
+to choose and no fallback. Its ``scale`` and ``bias`` carry the logical axis name
+``NORM``; they start at 1 and 0, as PyTorch's ``nn.GroupNorm``.
+
 B batch, H W spatial, C channels, G groups.
 """
 
@@ -24,6 +30,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ifsq_jax.parallel import NORM
 
 
 class GroupNorm(nn.Module):
@@ -44,8 +52,8 @@ class GroupNorm(nn.Module):
     b, c, g = x.shape[0], x.shape[-1], self.num_groups
     if c % g:
       raise ValueError(f"GroupNorm: {c} channels do not split into num_groups={g}; use a divisor of {c}.")
-    scale = self.param("scale", nn.initializers.ones_init(), (c,))
-    bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)), (c,))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)), (c,))
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     rows = xf.reshape(b, -1, c)  # (B, H*W, C)
     n = rows.shape[1] * (c // g)

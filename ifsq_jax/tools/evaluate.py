@@ -36,7 +36,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from ifsq_jax import config_lib, host_memory, parallel
+from ifsq_jax import config_lib, parallel
+from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.tools import cli
 from ifsq_jax.data import sources

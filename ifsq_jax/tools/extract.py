@@ -29,7 +29,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from ifsq_jax import config_lib, host_memory
+from ifsq_jax import config_lib
+from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.tools import cli
 from ifsq_jax.data import sources, transforms

@@ -7,20 +7,27 @@ convolution on 2 AVX-512 cores, forward / input gradient / kernel gradient take
 56 / 56 / 61 ms against XLA's 78 / 71 ms and 187 ms for the kernel gradient as
 per-tap matmuls.
 
-``onednn_conv.cc`` (beside this file) holds the three FFI handlers. It is
-compiled on first use with the C++ compiler (``$CXX``, else ``g++``) against the
-oneDNN wheels (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, installed with
-this package on x86-64 Linux) and jaxlib's FFI headers, into ``$IFSQ_JAX_CACHE``
-(default ``~/.cache/ifsq_jax``): a few seconds, once per source, jaxlib and
-oneDNN version. Without a compiler or oneDNN, or with ``IFSQ_JAX_ONEDNN=0``,
-:func:`usable` is False (with one warning saying why) and convolutions stay XLA's.
+``onednn_conv.cc`` (beside this file) holds the three FFI handlers and a probe.
+It is compiled on first use with the C++ compiler (``$CXX``, else ``g++``)
+against the oneDNN wheels (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``,
+installed with this package on x86-64 Linux) and jaxlib's FFI headers, into
+``$IFSQ_JAX_CACHE`` (default ``~/.cache/ifsq_jax``): a few seconds, once per
+source, jaxlib and oneDNN version. Without a compiler or oneDNN, or with
+``IFSQ_JAX_ONEDNN=0``, :func:`load` is False (with one warning saying why,
+:func:`unavailable_reason`).
+
+Even where it loads, oneDNN builds no convolution for some dtypes on some
+processors (oneDNN 3.2: no bfloat16 convolution without AVX-512).
+:func:`build_error` asks it, through the probe, before a convolution is traced.
+
+Which convolution a model runs is chosen by :func:`ifsq_jax.models.conv.conv2d`'s
+``impl`` field; this module only provides the kernels and the facts it decides on.
 
 B batch, H W input size, Ho Wo output size, C input channels, O output channels.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -31,7 +38,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +50,7 @@ _TARGETS = {"ifsq_conv_forward": "IfsqConvForward", "ifsq_conv_backward_data": "
             "ifsq_conv_backward_weights": "IfsqConvBackwardWeights"}
 
 Pads = Sequence[tuple[int, int]]
-_forced: bool | None = None
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # what the kernels take; index = the probe's code
 
 
 def _installed_file(dist: str, suffix: str) -> pathlib.Path:
@@ -88,22 +95,34 @@ def build() -> pathlib.Path:
 
 
 @functools.cache
-def load() -> bool:
-  """Builds and registers the FFI targets once per process; False (and a warning) where that is not possible."""
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+  """(the loaded library with its FFI targets registered, None) or (None, why not); once per process."""
   if os.environ.get("IFSQ_JAX_ONEDNN", "1") == "0":
-    return False
+    return None, "turned off with IFSQ_JAX_ONEDNN=0"
   try:
     lib = ctypes.cdll.LoadLibrary(str(build()))
   except (OSError, RuntimeError, importlib.metadata.PackageNotFoundError) as e:
     logging.warning("oneDNN convolutions are not available, XLA's are used instead: %s", e)
-    return False
+    return None, str(e)
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  return True
+  lib.IfsqConvCanBuild.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int64]
+  lib.IfsqConvCanBuild.restype = ctypes.c_int
+  return lib, None
+
+
+def load() -> bool:
+  """Builds and registers the FFI targets once per process; False (and one warning) where that is not possible."""
+  return _library()[0] is not None
+
+
+def unavailable_reason() -> str | None:
+  """Why oneDNN convolutions cannot load here (no compiler, no oneDNN, ``IFSQ_JAX_ONEDNN=0``); None if they load."""
+  return _library()[1]
 
 
 def usable() -> bool:
-  """Whether CPU convolutions go through oneDNN: it loads, and this process has a single device.
+  """Whether ``impl="auto"`` convolutions go through oneDNN: a CPU process with a single device where it loads.
 
   With several devices in a process (simulated CPU devices) their oneDNN thread
   teams would share the same cores, and a batch sharded over them would be
@@ -111,27 +130,46 @@ def usable() -> bool:
   device each (``jax.distributed``) use oneDNN, so per-process work (encoding,
   extraction) computes the same numbers whatever the number of processes; a
   computation sharded across such processes gathers each convolution's operands
-  (correct, but slow: set ``IFSQ_JAX_ONEDNN=0`` to train across CPU processes).
-  :func:`forced` overrides this while functions are traced.
+  (correct, but slow: set ``IFSQ_JAX_ONEDNN=0``, or ``conv_impl="xla"``, to train
+  across CPU processes).
   """
-  if _forced is not None:
-    return _forced and load()
-  return jax.local_device_count() == 1 and load()
+  return jax.default_backend() == "cpu" and jax.local_device_count() == 1 and load()
 
 
-@contextlib.contextmanager
-def forced(on: bool) -> Iterator[None]:
-  """Functions traced inside use oneDNN convolutions (if it loads) or not, whatever the device count.
+@functools.cache
+def build_error(dtype, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
+                pads: tuple[tuple[int, int], ...]) -> str | None:
+  """Why oneDNN cannot build this convolution's three passes on this processor; None when it can.
 
-  Only tracing sees this: clear JAX's caches (``jax.clear_caches()``) to retrace a
-  function already compiled outside.
+  Asks oneDNN (``IfsqConvCanBuild`` in ``onednn_conv.cc``) to create the forward,
+  backward-data and backward-weights primitive descriptors; the answer is cached
+  per dtype and geometry.
+
+  Args:
+    dtype: float32 or bfloat16 (activations and kernel).
+    x_shape: (B, H, W, C).
+    kernel_shape: (kh, kw, C, O).
+    stride: The same stride along both axes.
+    pads: ((top, bottom), (left, right)).
+
+  Raises:
+    RuntimeError: oneDNN does not load (:func:`unavailable_reason`).
   """
-  global _forced
-  previous, _forced = _forced, on
-  try:
-    yield
-  finally:
-    _forced = previous
+  lib = _library()[0]
+  if lib is None:
+    raise RuntimeError(f"oneDNN convolutions are not available: {unavailable_reason()}")
+  dtype = jnp.dtype(dtype)
+  if dtype not in DTYPES:
+    return f"oneDNN convolutions take float32 or bfloat16, not {dtype.name}"
+  b, h, w, c = x_shape
+  kh, kw, _, o = kernel_shape
+  (top, bottom), (left, right) = pads
+  ho, wo = (h + top + bottom - kh) // stride + 1, (w + left + right - kw) // stride + 1
+  dims = (ctypes.c_int64 * 14)(b, h, w, c, kh, kw, o, ho, wo, stride, top, bottom, left, right)
+  why = ctypes.create_string_buffer(512)
+  if lib.IfsqConvCanBuild(DTYPES.index(dtype), dims, why, len(why)):
+    return None
+  return why.value.decode(errors="replace") or "oneDNN refused the convolution"
 
 
 def _attributes(stride: int, pads: Pads) -> dict[str, np.int64]:
@@ -142,7 +180,7 @@ def _attributes(stride: int, pads: Pads) -> dict[str, np.int64]:
 
 def _call(target: str, shape: Sequence[int], dtype, a: jax.Array, b: jax.Array, stride: int, pads: Pads):
   if not load():
-    raise RuntimeError("oneDNN convolutions are not available (see the warning above, or IFSQ_JAX_ONEDNN=0)")
+    raise RuntimeError(f"oneDNN convolutions are not available: {unavailable_reason()}")
   out = jax.ShapeDtypeStruct(tuple(shape), dtype)
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, **_attributes(stride, pads))
 

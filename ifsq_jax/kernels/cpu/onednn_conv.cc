@@ -12,8 +12,15 @@
 // oneDNN chooses its own kernel layout; kernels are reordered from (and kernel
 // gradients to) HWIO on each call, a small cost next to the convolution.
 // Primitives are built once per shape and kept for the life of the process.
+//
+// IfsqConvCanBuild (a plain C function, called through ctypes at trace time)
+// says whether oneDNN can build the three passes of a convolution on this
+// processor: oneDNN 3.2 builds no bfloat16 convolution without AVX-512, and JAX
+// then keeps XLA's convolution for it.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -223,6 +230,49 @@ ffi::Error BackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
     if (plan->reorder) plan->reorder->execute(stream, kernel_grad, user_dw);
   });
 }
+
+// The three passes' primitive descriptors and kernel reorders of one convolution; throws dnnl::error.
+void BuildAll(const Geometry& forward_geometry) {
+  Geometry weights_geometry = forward_geometry;
+  weights_geometry.wei = memory::data_type::f32;  // the kernel gradient is float32 (see kernel_grad in onednn.py)
+  auto reorder = [](const memory::desc& a, const memory::desc& b) {
+    if (a != b) dnnl::reorder::primitive_desc(Engine(), a, Engine(), b);
+  };
+  auto forward = forward_geometry.Forward();
+  reorder(forward_geometry.UserWeights(), forward.weights_desc());
+  auto data = forward_geometry.BackwardData();
+  reorder(forward_geometry.UserWeights(), data.weights_desc());
+  auto weights = weights_geometry.BackwardWeights();
+  reorder(weights.diff_weights_desc(), weights_geometry.UserWeights());
+}
+
+}  // namespace
+
+// dtype: 0 float32, 1 bfloat16 (activations and kernel). dims: b, h, w, c, kh, kw, o, ho, wo, stride,
+// pad_top, pad_bottom, pad_left, pad_right. Returns 1 when oneDNN builds every pass; otherwise 0, with the
+// reason in `why` (NUL-terminated, truncated to why_size bytes).
+extern "C" int IfsqConvCanBuild(int dtype, const int64_t* dims, char* why, int64_t why_size) {
+  auto fail = [&](const std::string& message) {
+    if (why != nullptr && why_size > 0) {
+      auto n = std::min<size_t>(message.size(), static_cast<size_t>(why_size - 1));
+      std::memcpy(why, message.data(), n);
+      why[n] = '\0';
+    }
+    return 0;
+  };
+  if (dtype != 0 && dtype != 1) return fail("oneDNN conv: float32 or bfloat16 only");
+  auto dt = dtype == 0 ? memory::data_type::f32 : memory::data_type::bf16;
+  Geometry g{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9], dims[10],
+             dims[11], dims[12], dims[13], dt, dt};
+  try {
+    BuildAll(g);
+  } catch (const dnnl::error& e) {
+    return fail(e.what());
+  }
+  return 1;
+}
+
+namespace {
 
 auto ConvBinding() {
   return ffi::Ffi::Bind()
