@@ -7,12 +7,12 @@ eval.json: PSNR, SSIM, LPIPS, fd_vgg16, code usage), TensorBoard logs and a
 checkpoint that ``ifsq_jax.load_tokenizer(workdir)`` opens.
 """
 
+from ifsq_jax import config_lib
 from ifsq_jax.train import tokenizer
 
 
 def get_config(arg=None):
-  if arg:
-    raise ValueError(f"configs/quickstart.py has no variant {arg!r}.")
+  config_lib.parse_variant(arg)  # no variants
   c = tokenizer.small_cpu_config(tokenizer.default_config())
   c.seed = 0
   return c

@@ -73,6 +73,17 @@ def read_metrics(workdir):
   return out
 
 
+def read_records(workdir):
+  """metrics.jsonl as {step: record} for every training record (generator and discriminator steps)."""
+  import json  # pylint: disable=g-import-not-at-top
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if not any(k.startswith("eval/") for k in rec):
+      out[rec["step"]] = rec
+  return out
+
+
 def main_command(workdir, *flags):
   import sys  # pylint: disable=g-import-not-at-top
   return [sys.executable, "-m", "ifsq_jax.main", f"--config={TOY_CONFIG}", f"--workdir={workdir}", *flags]

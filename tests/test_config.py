@@ -1,7 +1,9 @@
 """Config validation: every mistake is one ConfigError naming the key and what is valid."""
 
+import json
 import subprocess
 
+import ml_collections
 import pytest
 
 from conftest import TOY_CONFIG, subprocess_env, toy_config
@@ -11,6 +13,7 @@ from ifsq_jax.train import registry, toy
 
 def _validate(config, devices=8, processes=1):
   config_lib.validate(config, toy.default_config(), devices, processes)
+  toy.ToyTrainer.validate(config)  # the task's own fields (here the image data)
 
 
 def test_default_toy_config_is_valid():
@@ -78,7 +81,7 @@ def test_config_variant_and_command_line_override(tmp_path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   assert mod.get_config("long").train.num_steps == 2000
-  with pytest.raises(ValueError, match="variant 'short' is not known"):
+  with pytest.raises(ValueError, match="unknown config variant 'short' in 'short'; valid variants: long"):
     mod.get_config("short")
   proc = subprocess.run(
       [sys.executable, "-c", "from absl import flags; from ml_collections import config_flags; import sys;"
@@ -107,5 +110,33 @@ def test_paper_tokenizer_config_variants():
   config_lib.validate(mod.get_config("tiny"), tokenizer.default_config(), 8)
   with pytest.raises(ValueError, match="bits=9"):
     mod.get_config("bits=9")
-  with pytest.raises(ValueError, match="unknown variant"):
+  with pytest.raises(ValueError, match="unknown config variant 'bitz'.*valid variants: bits=4, bound='ifsq'"):
     mod.get_config("bitz=3")
+
+
+def test_parse_variant_types_flags_and_errors():
+  v = config_lib.parse_variant("bits=3, tiny ,scale=0.5,name=x", bits=4, tiny=False, scale=1.0, name="y")
+  assert (v.bits, v.tiny, v.scale, v.name) == (3, True, 0.5, "x")
+  assert config_lib.parse_variant(None, bits=4).bits == 4
+  assert config_lib.parse_variant("tiny=false", tiny=True).tiny is False
+  with pytest.raises(config_lib.ConfigError, match="bits='x' must be a int"):
+    config_lib.parse_variant("bits=x", bits=4)
+  with pytest.raises(config_lib.ConfigError, match="needs a value"):
+    config_lib.parse_variant("bits", bits=4)
+  with pytest.raises(config_lib.ConfigError, match="unknown config variant 'long'.*valid variants: none"):
+    config_lib.parse_variant("long")
+
+
+def test_model_config_round_trips_through_its_dataclass():
+  from ifsq_jax.models.tokenizer import TokenizerConfig  # pylint: disable=g-import-not-at-top
+  cfg = TokenizerConfig(levels=(5, 5, 5, 5), group_sizes=(2, 2), hidden_size_mult=(1, 2), downsample=(True, False),
+                        upsample=(False, True))
+  group = config_lib.from_dataclass(cfg, exclude=("resolution",))
+  assert "resolution" not in group and group.levels == (5, 5, 5, 5) and isinstance(group.hidden_size_mult, tuple)
+  group = ml_collections.ConfigDict(json.loads(json.dumps(group.to_dict())))  # as config.json stores it: lists
+  assert config_lib.to_dataclass(TokenizerConfig, group, resolution=256) == cfg
+  del group["double_z"]  # a field a saved config lacks keeps its default
+  assert config_lib.to_dataclass(TokenizerConfig, group, resolution=256) == cfg
+  group.unknown = 1
+  with pytest.raises(config_lib.ConfigError, match=r"TokenizerConfig has no fields \['unknown'\]"):
+    config_lib.to_dataclass(TokenizerConfig, group)

@@ -217,7 +217,8 @@ class TokenizerTrainer(loop.Trainer):
                               method=_latent_and_encoding)
     feats = self.model.apply({"params": gen}, enc.codes, train=True, rngs={"dropout": rng},
                              method=Tokenizer.decode_features)
-    recon = conv_out(feats, gen["decoder"]["conv_out"]["kernel"], gen["decoder"]["conv_out"]["bias"])
+    recon = conv_out(feats, gen["decoder"]["conv_out"]["kernel"], gen["decoder"]["conv_out"]["bias"],
+                     self.cfg.conv_impl)
     return (recon, jnp.asarray(enc.loss, jnp.float32)), (z, enc, feats)
 
   def _bottleneck_weight(self) -> float:
@@ -263,7 +264,8 @@ class TokenizerTrainer(loop.Trainer):
 
     (g, (logits_fake, disc_stats)), d_g = jax.value_and_grad(g_fn, has_aux=True)(recon)
     dec = gen["decoder"]["conv_out"]
-    last_layer = jax.vjp(lambda w_: conv_out(jax.lax.stop_gradient(feats), w_, dec["bias"]), dec["kernel"])[1]
+    last_layer = jax.vjp(lambda w_: conv_out(jax.lax.stop_gradient(feats), w_, dec["bias"], self.cfg.conv_impl),
+                         dec["kernel"])[1]
     out["metrics"].update(g_loss=g, logits_fake=jnp.mean(logits_fake))
     if combine:
       lam = objective.adaptive_weight(last_layer(d_recon)[0], last_layer(d_g)[0], l.disc_weight)
