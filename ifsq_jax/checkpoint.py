@@ -8,29 +8,54 @@ exists is finished; saving is asynchronous, and only the newest ``keep`` steps
 are preserved (never a valid one because a newer save failed: old steps are
 removed only after a newer save has finalized).
 
-Restoring reads the newest step that restores cleanly onto the *current* mesh
-(any device count: arrays are resharded). A newest step that fails to restore is
-renamed ``<step>.corrupt`` (nothing is deleted) with a warning, and the previous
-step is used. Checkpoints of a different train state (another model or
-optimizer in the same work dir) are an error, never set aside.
+Restoring reads the newest step onto the *current* mesh (any device count:
+arrays are resharded). Before any array is read, the saved tree (paths, shapes
+and dtypes, from Orbax's metadata) is compared with the state this config
+builds:
+
+* a different tree (another model, or an optimizer setting that changes the
+  optimizer state, such as turning gradient clipping on or off) is one
+  :class:`CheckpointMismatchError` naming the differing entries; nothing is
+  renamed;
+* an *unreadable* step (its metadata cannot be read, or reading its arrays
+  fails for a reason other than a structure mismatch) is renamed
+  ``<step>.corrupt`` (nothing is deleted) with a warning, and the previous step
+  is used.
+
+:func:`restore_fields` reads named fields of a saved state (``params``,
+``ema_params``) from any work dir without changing it: an unreadable step is
+skipped with a warning, never renamed.
+
+Tree paths are written ``opt_state/1/0/mu/enc0/kernel`` (``jax.tree_util.keystr``
+with ``simple=True``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 CORRUPT_SUFFIX = ".corrupt"
+_SHOWN = 8  # entries named per kind of difference in an error message
 
 
-class CheckpointMismatchError(ValueError):
-  """The work dir's checkpoints were written for a different model or optimizer."""
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint holds a different tree (model or optimizer state) than the one asked for."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """No step of a checkpoint directory could be read."""
 
 
 class Checkpointer:
@@ -82,22 +107,27 @@ class Checkpointer:
     self._manager.close()
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest step that restores cleanly, onto the shardings of ``abstract_state``.
+    """The newest readable step, onto the shardings of ``abstract_state``.
 
     Args:
       abstract_state: Tree of ``jax.ShapeDtypeStruct`` with ``sharding`` set.
 
     Returns:
-      (step, state, data_state), or None when there is no checkpoint.
+      (step, state, data_state), or None when there is no (readable) checkpoint.
+
+    Raises:
+      CheckpointMismatchError: the newest readable step holds a different tree.
     """
     for step in reversed(self.steps):
-      saved = _saved_shapes(self.directory / str(step) / "state")
-      if saved is not None and saved != _shapes(abstract_state):
-        missing = sorted(set(_shapes(abstract_state)) - set(saved))[:3]
-        raise CheckpointMismatchError(
-            f"Checkpoint step {step} in {self.directory} holds a different train state than this config builds "
-            f"({len(saved)} arrays saved, {len(_shapes(abstract_state))} expected; e.g. not saved: {missing}). "
-            "Use a new work dir, or checkpoint.init_from to start from its parameters.")
+      state_dir = self.directory / str(step) / "state"
+      try:
+        saved = _saved_entries(state_dir)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      diff = _difference(saved, _entries(abstract_state))
+      if diff:
+        raise CheckpointMismatchError(_mismatch_message(f"Checkpoint step {step} in {self.directory}", diff))
       try:
         restored = self._manager.restore(
             step,
@@ -106,6 +136,10 @@ class Checkpointer:
                 data=ocp.args.JsonRestore()))
         return step, restored["state"], dict(restored["data"])
       except Exception as e:  # pylint: disable=broad-except
+        if _is_structure_error(e):
+          raise CheckpointMismatchError(
+              f"Checkpoint step {step} in {self.directory} holds a different train state than this config builds: "
+              f"{str(e)[:2000]}\n{_FRESH_START}") from None
         self._set_aside(step, e)
     return None
 
@@ -125,25 +159,92 @@ class Checkpointer:
     self._manager = self._new_manager()
 
 
+_FRESH_START = ("To start afresh, use a new work dir; to start a new run from this run's parameters, use a new work "
+                "dir with --config.checkpoint.init_from=<this work dir>.")
+
+
 def _absolute(path: epath.PathLike) -> epath.Path:
   """Orbax needs absolute paths: a relative local path is resolved; URLs (gs://...) are kept."""
   return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(os.fspath(path)))
 
 
-def _shapes(tree: Any) -> list[tuple]:
-  return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+def _entries(tree: Any, prefix: str = "") -> dict[str, tuple[tuple[int, ...] | None, str]]:
+  """{"opt_state/1/0/mu/enc0/kernel": (shape, dtype)} for every leaf of an abstract or metadata tree."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    shape = getattr(leaf, "shape", None)
+    dtype = getattr(leaf, "dtype", None)
+    out[f"{prefix}/{name}" if prefix else name] = (
+        tuple(shape) if shape is not None else None, str(dtype) if dtype is not None else type(leaf).__name__)
+  return out
 
 
-def _saved_shapes(state_dir: epath.Path) -> list[tuple] | None:
-  """(shape, dtype) of every saved array, or None when the metadata cannot be read (a corrupt step)."""
+def _read_metadata(state_dir: epath.Path) -> Any:
+  """The saved state's metadata tree (nested dicts and lists of array metadata).
+
+  Read with the PyTree handler: ``StandardCheckpointer.metadata`` on an item
+  directory also looks for a step-level metadata file there and warns that it
+  does not exist.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      meta = ckptr.metadata(state_dir)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    return sorted((tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(tree)) or None
-  except Exception:  # pylint: disable=broad-except
-    return None
+    meta = handler.metadata(state_dir)
+  finally:
+    handler.close()
+  tree = getattr(meta, "tree", meta)
+  if not tree:
+    raise ValueError(f"the metadata of {state_dir} is empty.")
+  return tree
+
+
+def _saved_entries(state_dir: epath.Path) -> dict[str, tuple]:
+  return _entries(_read_metadata(state_dir))
+
+
+def _fmt(entry: tuple) -> str:
+  shape, dtype = entry
+  return f"{dtype}{list(shape)}" if shape is not None else dtype
+
+
+def _difference(saved: dict[str, tuple], expected: dict[str, tuple]) -> dict[str, list[str]]:
+  """Entries the expected tree has that were not saved, saved entries it lacks, and shape/dtype changes."""
+  missing = sorted(set(expected) - set(saved))
+  unexpected = sorted(set(saved) - set(expected))
+  changed = [f"{k}: saved {_fmt(saved[k])}, expected {_fmt(expected[k])}"
+             for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]]
+  return {k: v for k, v in (("missing", missing), ("unexpected", unexpected), ("changed", changed)) if v}
+
+
+def _listing(items: list[str]) -> str:
+  shown = "\n".join(f"    {x}" for x in items[:_SHOWN])
+  more = f"\n    ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+  return shown + more
+
+
+_RESUME_ADVICE = ("A changed model or optimizer setting changes the train state (e.g. optimizer.grad_clip_norm=0 "
+                  "removes the clipping element of the optimizer chain). " + _FRESH_START)
+_FIELDS_ADVICE = "Give a checkpoint of the same model (the same config.model)."
+
+
+def _mismatch_message(what: str, diff: dict[str, list[str]], target: str = "this config builds",
+                      advice: str = _RESUME_ADVICE) -> str:
+  lines = [f"{what} holds a different train state than {target}:"]
+  if "missing" in diff:
+    lines.append(f"  {len(diff['missing'])} entries expected but not in the checkpoint (missing):\n"
+                 + _listing(diff["missing"]))
+  if "unexpected" in diff:
+    lines.append(f"  {len(diff['unexpected'])} entries in the checkpoint but not expected (unexpected):\n"
+                 + _listing(diff["unexpected"]))
+  if "changed" in diff:
+    lines.append(f"  {len(diff['changed'])} entries with another shape or dtype:\n" + _listing(diff["changed"]))
+  lines.append(advice)
+  return "\n".join(lines)
+
+
+def _is_structure_error(error: Exception) -> bool:
+  """Orbax's error for a restore target whose tree differs from the saved one."""
+  return isinstance(error, ValueError) and "structures do not match" in str(error)
 
 
 def _sync(name: str) -> None:
@@ -152,24 +253,122 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def resolve_checkpoint(path: epath.PathLike) -> epath.Path:
-  """A work dir, a ``checkpoints`` dir or a step dir -> the step dir to read."""
-  path = epath.Path(path)
+# ------------------------------------------------------------------ reading fields of a saved state
+
+def _step_dirs(path: epath.Path) -> Iterator[tuple[int, epath.Path]]:
+  """(step, step dir) newest first for a work dir or a ``checkpoints`` dir; just the one for a step dir."""
   if not path.exists():
-    raise FileNotFoundError(f"init_from checkpoint {path} does not exist; give a work dir, its "
-                            "checkpoints/ directory or one step directory inside it.")
+    raise FileNotFoundError(f"checkpoint {path} does not exist; give a work dir, its checkpoints/ directory or one "
+                            "step directory inside it.")
+  if (path / "state").exists():
+    yield int(path.name) if path.name.isdigit() else -1, path
+    return
+  if (path / "checkpoints").exists():
+    path = path / "checkpoints"
+  steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint steps under {path}.")
+  for step in steps:
+    yield step, path / str(step)
+
+
+def resolve_checkpoint(path: epath.PathLike) -> epath.Path:
+  """A work dir, a ``checkpoints`` dir or a step dir -> the newest step dir (readable or not)."""
+  return next(_step_dirs(_absolute(path)))[1]
+
+
+def step_directory(path: epath.PathLike, step: int) -> epath.Path:
+  """The directory of ``step`` under a work dir or ``checkpoints`` dir (a step dir is returned as it is)."""
+  path = _absolute(path)
   if (path / "state").exists():
     return path
   if (path / "checkpoints").exists():
     path = path / "checkpoints"
-  steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
-  if not steps:
-    raise FileNotFoundError(f"No checkpoint steps under {path}.")
-  return path / str(steps[-1])
+  return path / str(step)
+
+
+def read_saved_config(step_dir: epath.PathLike) -> dict[str, Any] | None:
+  """The config saved with one step (its ``config`` item), or None when it cannot be read."""
+  item = epath.Path(step_dir) / "config"
+  for name in ("metadata", "config.json"):
+    if (item / name).exists():
+      try:
+        return json.loads((item / name).read_text())
+      except (OSError, ValueError):
+        return None
+  return None
+
+
+def restore_fields(path: epath.PathLike, targets: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+  """Reads the named top-level fields of a saved train state, newest readable step first.
+
+  Nothing else of the state is read (a partial restore), and nothing on disk is
+  changed: an unreadable step is skipped with a warning naming it.
+
+  Args:
+    path: A work dir, its ``checkpoints`` dir or one step dir.
+    targets: Field name -> tree of ``jax.ShapeDtypeStruct`` (with shardings) the
+      field must match, or None to read the field as saved onto the default device;
+      e.g. ``{"params": abstract_params, "ema_params": None}``.
+
+  Returns:
+    (step, {field: tree}).
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist or holds no steps.
+    CheckpointMismatchError: a field is not saved, or a target's tree differs from the saved one.
+    UnreadableCheckpointError: no step could be read.
+  """
+  root = _absolute(path)
+  tried = []
+  for step, step_dir in _step_dirs(root):
+    state_dir = step_dir / "state"
+    try:
+      saved = _read_metadata(state_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      tried.append(_skip(step_dir, e))
+      continue
+    have = sorted(saved) if isinstance(saved, dict) else []
+    absent = sorted(set(targets) - set(have))
+    if absent:
+      raise CheckpointMismatchError(f"{step_dir} holds no field {', '.join(absent)} of a train state; its "
+                                    f"fields are {have}.")
+    diff: dict[str, list[str]] = {}
+    for field, target in targets.items():
+      if target is not None:
+        for kind, items in _difference(_entries(saved[field], field), _entries(target, field)).items():
+          diff.setdefault(kind, []).extend(items)
+    if diff:
+      raise CheckpointMismatchError(_mismatch_message(f"{step_dir}", diff, f"the {', '.join(targets)} asked for",
+                                                      _FIELDS_ADVICE))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    item = {field: target if target is not None else jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved[field])
+            for field, target in targets.items()}
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_structure_error(e):
+        raise CheckpointMismatchError(f"{step_dir}: {str(e)[:2000]}") from None
+      tried.append(_skip(step_dir, e))
+      continue
+    finally:
+      handler.close()
+    return step, {field: restored[field] for field in targets}
+  raise UnreadableCheckpointError(f"No readable checkpoint in {root}; tried " + "; ".join(tried) + ".")
+
+
+def _skip(step_dir: epath.Path, error: Exception) -> str:
+  reason = f"{step_dir.name} ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+  logging.warning("Skipping unreadable checkpoint step %s (%s: %s); trying the previous step.", step_dir,
+                  type(error).__name__, str(error)[:300])
+  return reason
 
 
 def restore_params(path: epath.PathLike, abstract_params: Any, key: str = "params") -> Any:
-  """Reads one field (``params`` or ``ema_params``) of a saved state onto the given shardings.
+  """Reads one field (``params`` or ``ema_params``) of a saved state: ``restore_fields(path, {key: abstract})``.
 
   Args:
     path: A work dir, its ``checkpoints`` dir or a step dir.
@@ -177,13 +376,4 @@ def restore_params(path: epath.PathLike, abstract_params: Any, key: str = "param
       field must match, or None to read it as saved onto the default device.
     key: The field of the saved state.
   """
-  step_dir = resolve_checkpoint(_absolute(path))
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(step_dir / "state")
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), v) for k, v in tree.items()}
-    if abstract_params is not None:
-      target[key] = abstract_params
-    restored = ckptr.restore(step_dir / "state", target)
-  return restored[key]
+  return restore_fields(path, {key: abstract_params})[1][key]

@@ -95,6 +95,17 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   assert (tmp_path / "metrics.jsonl.orphaned").exists()
 
 
+def test_a_changed_optimizer_setting_exits_with_the_differing_entries_and_renames_nothing(tmp_path):
+  first = _run(tmp_path, "--config.train.num_steps=2", "--config.checkpoint.every=1")
+  assert first.returncode == 0, first.stderr[-3000:]
+  again = _run(tmp_path, "--config.train.num_steps=4", "--config.optimizer.grad_clip_norm=0.0")
+  assert again.returncode != 0
+  assert "CheckpointMismatchError" in again.stderr and "Traceback" not in again.stderr
+  assert "opt_state/0/0/mu/" in again.stderr and "opt_state/1/0/mu/" in again.stderr  # missing / unexpected
+  assert "new work dir" in again.stderr and "init_from" in again.stderr
+  assert _steps(tmp_path) == [1, 2] and not list((tmp_path / "checkpoints").glob("*.corrupt*"))
+
+
 @pytest.mark.parametrize("flag,message", [
     ("--config.train.global_batch_size=12", "global_batch_size=12 .* does not divide over the 8 devices"),
     ("--config.mesh.data=3", r"mesh .* has 3 devices but there are 8|needs a multiple"),

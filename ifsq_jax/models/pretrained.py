@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from ifsq_jax import config_lib
 from ifsq_jax.convert import tokenizer as tokenizer_convert
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 
@@ -54,22 +55,43 @@ class LoadedTokenizer:
 
 
 def load_tokenizer(path: str, dtype: Any = jnp.float32, ema: bool = True) -> LoadedTokenizer:
-  """A ready tokenizer from a training work dir (newest checkpoint, EMA weights by default), one of its
-  checkpoint directories, or a directory written by ``python -m ifsq_jax.convert tokenizer``."""
+  """A ready tokenizer from a training work dir, its ``checkpoints`` dir or one step dir, or a directory written by
+  ``python -m ifsq_jax.convert tokenizer``.
+
+  From a work dir: the newest readable checkpoint (an unreadable newer one is
+  skipped with a warning), its EMA weights by default (``ema=False``: the trained
+  generator weights), and the architecture from the config saved with that step
+  (else the work dir's ``config.json``). Configs of older versions load: fields
+  they lack take their defaults.
+  """
   root = epath.Path(path)
   if tokenizer_convert.exists(str(root)):
     config, variables = tokenizer_convert.load(str(root))
     return LoadedTokenizer(config, variables, dtype)
-  workdir = root if (root / "config.json").exists() else root.parent.parent
-  if not (workdir / "config.json").exists():
+  workdir = next((d for d in (root, root.parent, root.parent.parent) if (d / "config.json").exists()), None)
+  if workdir is None:
     raise FileNotFoundError(f"{path} is neither a tokenizer work dir (config.json + checkpoints/), a checkpoint of "
                             "one, nor a converted directory (python -m ifsq_jax.convert tokenizer).")
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  if config.get("task") != "tokenizer":
-    raise ValueError(f"{workdir} holds a {config.get('task')!r} run, not a tokenizer.")
+  run_config = json.loads((workdir / "config.json").read_text())
+  if run_config.get("task") != "tokenizer":
+    raise ValueError(f"{workdir} holds a {run_config.get('task')!r} run, not a tokenizer.")
+  # Imported here: Orbax is needed only for work dirs.
   from ifsq_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from ifsq_jax.train import tokenizer as trainer  # pylint: disable=g-import-not-at-top
-  params = checkpoint.restore_params(root, None, key="ema_params" if ema else "params")
+  field = "ema_params" if ema else "params"
+  step, fields = checkpoint.restore_fields(root, {field: None})
+  params = fields[field]
+  # The config saved with the step: config.json is rewritten by any later run in the work dir.
+  config = ml_collections.ConfigDict(checkpoint.read_saved_config(checkpoint.step_directory(root, step)) or run_config)
   if not ema:
     params = params["gen"]
-  return LoadedTokenizer(trainer.model_config(config), {"params": jax.device_get(params)}, dtype)
+  return LoadedTokenizer(model_config(config), {"params": jax.device_get(params)}, dtype)
+
+
+def model_config(config: ml_collections.ConfigDict) -> TokenizerConfig:
+  """The :class:`TokenizerConfig` of a tokenizer run's config (its ``model`` group and ``data.image_size``).
+
+  ``group_sizes: ()`` (or ``[]`` in a saved ``config.json``) means one index per token (None).
+  """
+  model = config.model
+  group_sizes = tuple(model.get("group_sizes") or ()) or None
+  return config_lib.to_dataclass(TokenizerConfig, model, resolution=config.data.image_size, group_sizes=group_sizes)
