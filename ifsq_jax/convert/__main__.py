@@ -4,12 +4,15 @@ Kinds: ``dinov2`` (Hugging Face safetensors or torch-hub .pth), ``inception`` (p
 ``pt_inception-2015-12-05-6726825d.pth``), ``vgg16`` (torchvision's VGG16, with
 ``--lpips_lin vgg.pth`` for the LPIPS heads), ``tokenizer`` (an official iFSQ ``checkpoint-*.ckpt``
 with ``--config run.json``). It reports what it
-mapped and refuses a partial mapping unless ``--allow_partial`` is given.
+mapped and refuses a partial mapping unless ``--allow_partial`` is given; then every
+checkpoint entry it dropped and every parameter left at its initial value is listed
+(a warning on stderr) and counted in the final line.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ifsq_jax.convert import dinov2, inception, tokenizer, torch_io, vgg16
@@ -28,6 +31,7 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default=None, help="tokenizer only: the model's run.json / config.json")
   parser.add_argument("--no_ema", action="store_true", help="tokenizer only: take state_dict, not ema_state_dict")
   args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   try:
     extra = {"lpips_lin": args.lpips_lin} if args.kind == "vgg16" else {}
     if args.kind == "tokenizer":

@@ -48,8 +48,13 @@ def _norm(r: _Reader, prefix: str) -> dict[str, np.ndarray]:
   return {"scale": r(f"{prefix}.weight"), "bias": r(f"{prefix}.bias")}
 
 
-def convert(sd: dict[str, np.ndarray], allow_partial: bool = False) -> tuple[dict[str, Any], DinoConfig]:
-  """State dict -> ({"params": ...}, config)."""
+def convert(sd: dict[str, np.ndarray], allow_partial: bool = False,
+            dropped: torch_io.Dropped | None = None) -> tuple[dict[str, Any], DinoConfig]:
+  """State dict -> ({"params": ...}, config).
+
+  The architecture is read from the checkpoint, so every parameter must be in it; with
+  ``allow_partial`` entries that do not map are dropped, listed in a warning and added to ``dropped``.
+  """
   hf = any(k.startswith("embeddings.") for k in sd)
   sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
   if any("register_tokens" in k for k in sd):
@@ -106,7 +111,8 @@ def convert(sd: dict[str, np.ndarray], allow_partial: bool = False) -> tuple[dic
     mlp_hidden = blk["w3" if swiglu else "fc2"]["kernel"].shape[0]
     params[f"blocks_{i}"] = blk
   params["norm"] = _norm(r, "layernorm" if hf else "norm")
-  torch_io.check_all_used(sd, r.used, ignore=("embeddings.mask_token", "mask_token"), allow_partial=allow_partial)
+  torch_io.check_all_used(sd, r.used, ignore=("embeddings.mask_token", "mask_token"), allow_partial=allow_partial,
+                         dropped=dropped)
   ratio = mlp_hidden / width
   if swiglu:  # the stored hidden width is the rounded 2/3 of width * mlp_ratio
     ratio = 4.0
@@ -116,10 +122,11 @@ def convert(sd: dict[str, np.ndarray], allow_partial: bool = False) -> tuple[dic
   return {"params": params}, cfg
 
 
-def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False) -> DinoConfig:
-  params, cfg = convert(torch_io.read_state_dict(checkpoint), allow_partial)
+def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False) -> str:
+  dropped = torch_io.Dropped()
+  params, cfg = convert(torch_io.read_state_dict(checkpoint), allow_partial, dropped)
   torch_io.save_converted(out_dir, params["params"], {"kind": "dinov2", **dataclasses.asdict(cfg)})
-  return cfg
+  return f"{cfg}" + (f" ({dropped.summary()})" if dropped else "")
 
 
 def load(path: str):

@@ -19,20 +19,34 @@ from ifsq_jax.nets.inception import InceptionV3FID
 IGNORED = ("fc.", "AuxLogits.")
 
 
+def _init_fn():
+  return InceptionV3FID().init(jax.random.key(0), np.zeros((1, 299, 299, 3), np.float32))
+
+
 def _expected() -> dict[str, Any]:
-  return jax.eval_shape(lambda: InceptionV3FID().init(jax.random.key(0), np.zeros((1, 299, 299, 3), np.float32)))
+  return jax.eval_shape(_init_fn)
 
 
-def convert(sd: dict[str, np.ndarray], allow_partial: bool = False) -> dict[str, Any]:
-  """State dict -> {"params": ..., "batch_stats": ...}."""
+def convert(sd: dict[str, np.ndarray], allow_partial: bool = False,
+            dropped: torch_io.Dropped | None = None) -> dict[str, Any]:
+  """State dict -> {"params": ..., "batch_stats": ...}.
+
+  With ``allow_partial``, unmapped entries are dropped and variables the
+  checkpoint lacks keep their initial values; both are listed in a warning and
+  added to ``dropped``.
+  """
   sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
   used: set[str] = set()
+  missing: list[str] = []
   torch_name = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
   def take(path, leaf):
     names = [p.key for p in path][1:]  # drop the collection ("params" / "batch_stats")
     key = ".".join(names[:-1] + [torch_name[names[-1]]])
     if key not in sd:
+      if allow_partial:
+        missing.append("/".join([path[0].key] + names))
+        return None
       raise torch_io.ConversionError(f"the checkpoint has no entry {key!r}: it is not a pytorch-fid Inception-v3.")
     used.add(key)
     v = np.asarray(sd[key], np.float32)
@@ -43,14 +57,18 @@ def convert(sd: dict[str, np.ndarray], allow_partial: bool = False) -> dict[str,
     return v
 
   out = jax.tree_util.tree_map_with_path(take, _expected())
-  torch_io.check_all_used(sd, used, ignore=IGNORED, allow_partial=allow_partial)
+  torch_io.check_all_used(sd, used, ignore=IGNORED, allow_partial=allow_partial, dropped=dropped)
+  if missing:
+    torch_io.report_dropped(left_at_init=missing, dropped=dropped)
+    out = jax.tree.map(lambda v, i: np.asarray(i) if v is None else v, out, _init_fn(), is_leaf=lambda x: x is None)
   return out
 
 
 def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False) -> str:
-  variables = convert(torch_io.read_state_dict(checkpoint), allow_partial)
+  dropped = torch_io.Dropped()
+  variables = convert(torch_io.read_state_dict(checkpoint), allow_partial, dropped)
   torch_io.save_converted(out_dir, variables, {"kind": "inception"})
-  return "InceptionV3FID"
+  return "InceptionV3FID" + (f" ({dropped.summary()})" if dropped else "")
 
 
 def load(path: str):

@@ -60,13 +60,19 @@ def _flax_path(key: str) -> tuple[list[str], str]:
   return merged, parts[-1]
 
 
-def convert(sd: dict[str, np.ndarray], cfg: TokenizerConfig, allow_partial: bool = False) -> dict[str, Any]:
-  """State dict -> {"params": ...} for ``Tokenizer(cfg)``."""
+def convert(sd: dict[str, np.ndarray], cfg: TokenizerConfig, allow_partial: bool = False,
+            dropped: torch_io.Dropped | None = None) -> dict[str, Any]:
+  """State dict -> {"params": ...} for ``Tokenizer(cfg)``.
+
+  Every checkpoint entry must map onto a model parameter of the same shape and
+  every parameter must be provided; with ``allow_partial`` the entries that do not
+  map are dropped and the parameters not provided keep their initial values
+  (``init`` with key 0), all listed in a warning and added to ``dropped``.
+  """
   sd = {k.removeprefix("module."): v for k, v in sd.items()}
-  abstract = jax.eval_shape(lambda: Tokenizer(cfg).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
-  abstract = nn.meta.unbox(abstract)  # the parameters carry logical axis names
-  params: dict[str, Any] = {}
-  used = set()
+  init = lambda: Tokenizer(cfg).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  abstract = nn.meta.unbox(jax.eval_shape(init))  # the parameters carry logical axis names
+  flat: dict[str, tuple[np.ndarray, str]] = {}  # "encoder/conv_in/kernel" -> (value, checkpoint key)
   for key, value in sd.items():
     if key in IGNORED:
       continue
@@ -84,26 +90,33 @@ def convert(sd: dict[str, np.ndarray], cfg: TokenizerConfig, allow_partial: bool
       name = "scale"
     else:
       continue
-    node = params
-    for p in path:
-      node = node.setdefault(p, {})
-    node[name] = value
-    used.add(key)
-  torch_io.check_all_used(sd, used, ignore=IGNORED, allow_partial=allow_partial)
-  expected = abstract["params"]
+    flat["/".join(path + [name])] = (value, key)
+  expected = {jax.tree_util.keystr(p, simple=True, separator="/"): leaf
+              for p, leaf in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]}
+  for name, (value, key) in flat.items():
+    if name in expected and value.shape != expected[name].shape:
+      raise torch_io.ConversionError(f"{name} ({key}): checkpoint shape {value.shape}, model shape "
+                                     f"{expected[name].shape}.")
+  used = {key for name, (_, key) in flat.items() if name in expected}
+  missing = sorted(name for name in expected if name not in flat)
+  if missing and not allow_partial:
+    raise torch_io.ConversionError(
+        f"the checkpoint has nothing for {len(missing)} model parameters: "
+        + ", ".join(f"{n} (shape {expected[n].shape})" for n in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        + " (pass --allow_partial to keep their initial values).")
+  torch_io.check_all_used(sd, used, ignore=IGNORED, allow_partial=allow_partial, dropped=dropped)
+  initial = {}
+  if missing:
+    torch_io.report_dropped(left_at_init=missing, dropped=dropped)
+    initial = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(leaf)
+               for p, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(init())["params"])[0]}
 
-  def check(path, leaf):
-    names = [p.key for p in path]
-    node = params
-    for n in names:
-      if not isinstance(node, dict) or n not in node:
-        raise torch_io.ConversionError(f"the checkpoint has nothing for {'/'.join(names)} (shape {leaf.shape}).")
-      node = node[n]
-    if node.shape != leaf.shape:
-      raise torch_io.ConversionError(f"{'/'.join(names)}: checkpoint shape {node.shape}, model shape {leaf.shape}.")
-    return node
+  def take(path, leaf):
+    del leaf
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    return flat[name][0] if name in flat else initial[name]
 
-  return {"params": jax.tree_util.tree_map_with_path(check, expected)}
+  return {"params": jax.tree_util.tree_map_with_path(take, abstract["params"])}
 
 
 def read_checkpoint(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
@@ -130,9 +143,10 @@ def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, con
     raise torch_io.ConversionError("the tokenizer converter needs --config RUN_JSON (the model's run.json).")
   with open(config) as f:
     cfg = config_from_reference(json.load(f))
-  variables = convert(read_checkpoint(checkpoint, use_ema), cfg, allow_partial)
+  dropped = torch_io.Dropped()
+  variables = convert(read_checkpoint(checkpoint, use_ema), cfg, allow_partial, dropped)
   torch_io.save_converted(out_dir, variables["params"], {"kind": "tokenizer", "model": _cfg_json(cfg)})
-  return f"Tokenizer({cfg.bottleneck}, levels={cfg.levels})"
+  return f"Tokenizer({cfg.bottleneck}, levels={cfg.levels})" + (f" ({dropped.summary()})" if dropped else "")
 
 
 def _cfg_json(cfg: TokenizerConfig) -> dict[str, Any]:

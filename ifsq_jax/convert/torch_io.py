@@ -8,7 +8,9 @@ directory with ``params.safetensors`` (the flattened param tree, keys joined wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -109,11 +111,48 @@ def load_converted(path: str, expect_kind: str) -> tuple[dict[str, Any], dict[st
   return unflatten(dict(load_file(par_path))), config
 
 
+@dataclasses.dataclass
+class Dropped:
+  """What a partial conversion (``--allow_partial``) left out.
+
+  Attributes:
+    unmapped: Checkpoint entries that were not converted (dropped).
+    left_at_init: Model parameters the checkpoint did not provide (they keep their initial values).
+  """
+
+  unmapped: list[str] = dataclasses.field(default_factory=list)
+  left_at_init: list[str] = dataclasses.field(default_factory=list)
+
+  def __bool__(self) -> bool:
+    return bool(self.unmapped or self.left_at_init)
+
+  def summary(self) -> str:
+    return (f"partial: {len(self.unmapped)} checkpoint entries dropped, {len(self.left_at_init)} parameters left at "
+            "their initial values")
+
+
 def check_all_used(state_dict: dict[str, np.ndarray], used: set[str], ignore: tuple[str, ...] = (),
-                   allow_partial: bool = False) -> list[str]:
-  """Names of state-dict entries that were not mapped; a ConversionError unless ``allow_partial``."""
+                   allow_partial: bool = False, dropped: Dropped | None = None) -> list[str]:
+  """Names of state-dict entries that were not mapped; a ConversionError unless ``allow_partial``.
+
+  With ``allow_partial`` they are logged as a warning, one per line, and added to ``dropped``.
+  """
   unmapped = sorted(k for k in state_dict if k not in used and not any(k.startswith(p) for p in ignore))
   if unmapped and not allow_partial:
     raise ConversionError(f"{len(unmapped)} checkpoint entries are not mapped: {unmapped[:10]}"
                           f"{' ...' if len(unmapped) > 10 else ''} (pass --allow_partial to convert anyway).")
+  report_dropped(unmapped=unmapped, dropped=dropped)
   return unmapped
+
+
+def report_dropped(unmapped: list[str] = (), left_at_init: list[str] = (), dropped: Dropped | None = None) -> None:
+  """Logs what a partial conversion leaves out (every name), and adds it to ``dropped``."""
+  if unmapped:
+    logging.warning("--allow_partial: %d checkpoint entries are not mapped and were dropped:\n%s", len(unmapped),
+                    "\n".join(f"  {k}" for k in unmapped))
+  if left_at_init:
+    logging.warning("--allow_partial: %d model parameters are not in the checkpoint and keep their initial "
+                    "values:\n%s", len(left_at_init), "\n".join(f"  {k}" for k in left_at_init))
+  if dropped is not None:
+    dropped.unmapped.extend(unmapped)
+    dropped.left_at_init.extend(left_at_init)

@@ -18,7 +18,11 @@ CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
 
 def convert(trunk: dict[str, np.ndarray], lin: dict[str, np.ndarray] | None = None,
-            allow_partial: bool = False) -> dict[str, Any]:
+            allow_partial: bool = False, dropped: torch_io.Dropped | None = None) -> dict[str, Any]:
+  """VGG16 trunk (+ LPIPS heads) -> {"params": ...}; every conv layer must be in the checkpoint.
+
+  With ``allow_partial``, entries that do not map are dropped, listed in a warning and added to ``dropped``.
+  """
   trunk = {k.removeprefix("net.").removeprefix("slice"): v for k, v in trunk.items()}
   used: set[str] = set()
   features = {}
@@ -29,7 +33,7 @@ def convert(trunk: dict[str, np.ndarray], lin: dict[str, np.ndarray] | None = No
     used.update((w, b))
     features[f"conv_{i}"] = {"kernel": np.asarray(trunk[w], np.float32).transpose(2, 3, 1, 0),
                              "bias": np.asarray(trunk[b], np.float32)}
-  torch_io.check_all_used(trunk, used, ignore=("classifier.",), allow_partial=allow_partial)
+  torch_io.check_all_used(trunk, used, ignore=("classifier.",), allow_partial=allow_partial, dropped=dropped)
   params: dict[str, Any] = {"features": features}
   if lin is not None:
     for i in range(5):
@@ -42,9 +46,10 @@ def convert(trunk: dict[str, np.ndarray], lin: dict[str, np.ndarray] | None = No
 
 def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, lpips_lin: str | None = None) -> str:
   lin = torch_io.read_state_dict(lpips_lin) if lpips_lin else None
-  variables = convert(torch_io.read_state_dict(checkpoint), lin, allow_partial)
+  dropped = torch_io.Dropped()
+  variables = convert(torch_io.read_state_dict(checkpoint), lin, allow_partial, dropped)
   torch_io.save_converted(out_dir, variables["params"], {"kind": "vgg16", "lpips_heads": lin is not None})
-  return "VGG16" + (" + LPIPS heads" if lin is not None else "")
+  return "VGG16" + (" + LPIPS heads" if lin is not None else "") + (f" ({dropped.summary()})" if dropped else "")
 
 
 def load(path: str) -> dict[str, Any]:
