@@ -1,6 +1,7 @@
 """Extraction: shards equal the tokenizer's encode on the same images, flips included, and resume."""
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -81,3 +82,20 @@ def test_two_processes_split_the_shards_and_write_what_one_process_writes(tmp_pa
     assert sorted(one.files) == sorted(two.files)
     for k in one.files:
       np.testing.assert_array_equal(one[k], two[k])
+
+
+def test_extract_skips_an_undecodable_image_and_reports_it(tmp_path):
+  from test_code_shards import image_folder  # pylint: disable=g-import-not-at-top
+  tok_dir = _tokenizer_dir(tmp_path / "tok")
+  root = image_folder(tmp_path / "images")
+  out = tmp_path / "codes"
+  proc = subprocess.run([sys.executable, "-m", "ifsq_jax.tools.extract", "--tokenizer", tok_dir, "--out", str(out),
+                         "--data", "image_folder", "--path", str(root), "--image_size", "16", "--shard_size", "8"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Wrote 2 shards" in proc.stdout and "skipped 1 undecodable images" in proc.stdout
+  assert "03_broken.jpg" in proc.stderr
+  first, second = np.load(out / "shard-00000-of-00002.npz"), np.load(out / "shard-00001-of-00002.npz")
+  assert len(first["labels"]) == 8 and list(second["index"]) == [8, 9, 11, 12]
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["num_classes"] == 2 and meta["index_sizes"] == [625] and meta["codes_shape"] == [8, 8, 4]

@@ -129,3 +129,21 @@ def test_rfid_uses_clamped_reconstructions_in_unit_range():
   np.testing.assert_allclose(result["rfid"], expected, rtol=1e-6)
   np.testing.assert_allclose(result["psnr"], np.mean(ev.psnr((x[:21] + 1) / 2, (recon[:21] + 1) / 2)), rtol=1e-6)
   assert "code_usage" not in result
+
+
+def test_undecodable_images_are_skipped_counted_and_named(tmp_path, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+  from test_code_shards import image_folder  # pylint: disable=g-import-not-at-top
+  tok = ifsq_jax.load_tokenizer(_tokenizer_dir(tmp_path / "tok"))
+  root = image_folder(tmp_path / "images", size=SIZE + 8)
+  with caplog.at_level(logging.WARNING):
+    result = evaluate.evaluate(tok, sources.ImageFolderSource(str(root), "train"), SIZE, batch=8)
+  assert result["skipped_images"] == 1 and result["images"] == 12
+  assert any("03_broken.jpg" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+  os.remove(root / "train" / "b" / "03_broken.jpg")
+  clean = evaluate.evaluate(tok, sources.ImageFolderSource(str(root), "train"), SIZE, batch=8)
+  assert clean["skipped_images"] == 0
+  for k in ("l1", "psnr", "ssim", "lpips_alex", "code_usage"):
+    np.testing.assert_allclose(result[k], clean[k], rtol=1e-6, err_msg=k)

@@ -16,7 +16,8 @@ evaluation (spec 2.9):
   split, and for FSQ each channel's level usage and entropy.
 
 Means are over images (the reference averages per-batch means, so its last
-partial batch weighs like a full one). Batches are global arrays sharded over
+partial batch weighs like a full one); undecodable images are skipped and
+counted (``skipped_images``). Batches are global arrays sharded over
 devices and processes; every process gathers each batch's per-image results, so
 the float64 totals, feature statistics and code counts are exact and the same on
 every process. Codebooks of more than ``MAX_COUNTED_CODES`` codes per index
@@ -28,6 +29,7 @@ B batch, H W image size, D code width, N tokens.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifsq_jax import parallel
-from ifsq_jax.data import transforms
+from ifsq_jax.data import sources, transforms
 from ifsq_jax.eval import fid
 from ifsq_jax.eval.image_metrics import psnr, ssim
 from ifsq_jax.nets import lpips
@@ -45,6 +47,7 @@ from ifsq_jax.nets import lpips
 MAX_COUNTED_CODES = 1 << 22
 PER_IMAGE = ("l1", "psnr", "ssim", "lpips_alex")
 MIN_LPIPS_ALEX_SIZE = 32  # AlexNet's strided layers leave no pixels below this
+MAX_NAMED_SKIPS = 5  # undecodable images named in warnings
 
 
 @functools.lru_cache(maxsize=1)
@@ -189,9 +192,13 @@ def process_slice(n: int, process_index: int, process_count: int) -> range:
 
 
 def evaluate_split(reconstruct: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]],
-                 mesh: jax.sharding.Mesh, source: Any, image_size: int, metrics: ReconstructionMetrics,
-                 batch: int = 64, max_examples: int = 0) -> dict[str, Any]:
+                   mesh: jax.sharding.Mesh, source: Any, image_size: int, metrics: ReconstructionMetrics,
+                   batch: int = 64, max_examples: int = 0) -> dict[str, Any]:
   """Runs ``reconstruct`` over a split and returns ``metrics.result()`` (the same on every process).
+
+  Undecodable images (``source[i]`` raises :class:`~ifsq_jax.data.sources.DecodeError`)
+  are skipped and counted: ``skipped_images`` in the result (over all
+  processes), and a warning names the first few.
 
   Args:
     reconstruct: Global (B, H, W, 3) images -> (reconstructions, codes, indices or None).
@@ -200,23 +207,43 @@ def evaluate_split(reconstruct: Callable[[jax.Array], tuple[jax.Array, jax.Array
     image_size: ADM center-crop size.
     metrics: The accumulator.
     batch: Images per process per step (rounded up to divide over the batch devices).
-    max_examples: The first ``max_examples`` images only (0: all).
+    max_examples: The first ``max_examples`` images only (0: all; skipped images count among them).
   """
   n = min(len(source), max_examples) if max_examples else len(source)
   processes = jax.process_count()
   positions = process_slice(n, jax.process_index(), processes)
   per_process = max(1, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES) // processes)
   batch = math.ceil(batch / per_process) * per_process
+  skipped: list[str] = []
   for s in range(math.ceil(math.ceil(n / processes) / batch)):  # the same count on every process
-    images = [transforms.center_crop(source[i][0], image_size) for i in positions[s * batch:(s + 1) * batch]]
+    images = []
+    for i in positions[s * batch:(s + 1) * batch]:
+      try:
+        images.append(transforms.center_crop(source[i][0], image_size))
+      except sources.DecodeError as e:
+        skipped.append(str(e))
     valid = np.arange(batch) < len(images)
-    if not images:  # this process has run out; it still joins the collective steps
+    if not images:  # this process has run out (or nothing decoded); it still joins the collective steps
       images = [np.zeros((image_size, image_size, 3), np.float32)]
     images += [images[-1]] * (batch - len(images))  # one compiled shape
     data = parallel.global_batch({"image": np.stack(images), "valid": valid}, mesh)
     recon, codes, indices = reconstruct(data["image"])
     metrics.update(data["image"], recon, data["valid"], indices=indices, codes=codes)
-  return metrics.result()
+  total_skipped = _sum_over_processes(len(skipped))
+  if total_skipped:
+    logging.warning("Skipped %d undecodable image(s) of %d in %s (this process: %d; first: %s).", total_skipped, n,
+                    getattr(source, "name", "the split"), len(skipped), "; ".join(skipped[:MAX_NAMED_SKIPS]) or "-")
+  if metrics.count == 0:
+    raise ValueError(f"no images were evaluated: {total_skipped} of {n} could not be decoded"
+                     f"{' (first: ' + skipped[0] + ')' if skipped else ''}.")
+  return {**metrics.result(), "skipped_images": total_skipped}
+
+
+def _sum_over_processes(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
 
 def _entropy_bits(counts: np.ndarray) -> float:

@@ -76,7 +76,7 @@ def evaluate(tok: LoadedTokenizer, source: sources.Source, image_size: int, batc
 
 
 def _data_config(args, run_config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-  data = config_lib.base_config().data if run_config is None else run_config.data
+  data = config_lib.add_image_data(config_lib.base_config()).data if run_config is None else run_config.data
   for flag, key in (("data", "name"), ("path", "path"), ("tfds_name", "tfds_name"), ("data_dir", "data_dir"),
                     ("manual_dir", "manual_dir")):
     value = getattr(args, flag)

@@ -9,7 +9,10 @@ is ``shard-SSSSS-of-NNNNN.npz`` files of ``shard_size`` examples in dataset orde
 each with ``indices`` (n, h, w) (or (n, h, w, G) with factorized groups) int32,
 ``codes`` (n, h, w, d) float16 for FSQ (exact: k / (L // 2)), float32 otherwise, ``labels``
 (n,) int32, ``index`` (n,) the dataset positions, and with flips
-``indices_flip`` / ``codes_flip`` of the mirrored images; plus ``meta.json``.
+``indices_flip`` / ``codes_flip`` of the mirrored images; plus ``meta.json`` (sizes, codebook,
+tokenizer, classes). An undecodable image is left out of its shard and listed in
+``shard-SSSSS-of-NNNNN.skipped.json``. Read the shards with
+:class:`ifsq_jax.data.code_shards.CodeShardSource`.
 
 Resumable: a shard is written to a temporary name and renamed when complete, and
 shards that exist are skipped, so a killed run continues where it stopped.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -33,42 +37,91 @@ from ifsq_jax import config_lib
 from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.tools import cli
-from ifsq_jax.data import sources, transforms
+from ifsq_jax.data import code_shards, sources, transforms
 from ifsq_jax.models.pretrained import load_tokenizer
 
 
-def shard_name(shard: int, count: int) -> str:
-  return f"shard-{shard:05d}-of-{count:05d}.npz"
+shard_name = code_shards.shard_name
+
+# meta.json fields that must agree when an output directory is extracted into again.
+_SAME_EXTRACTION = ("source", "examples", "image_size", "shard_size", "shards", "flip", "bottleneck", "levels",
+                    "codes_shape", "index_shape")
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _check_same_extraction(out: str, meta: dict) -> None:
+  path = os.path.join(out, code_shards.META)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  differ = [f"{k}: {old[k]!r} there, {meta[k]!r} now" for k in _SAME_EXTRACTION
+            if k in old and k in meta and old[k] != meta[k]]
+  if differ:
+    raise ValueError(f"{out} holds codes of another extraction ({'; '.join(differ)}); extract into a new --out "
+                     "directory.")
 
 
 def extract(tokenizer_dir: str, out: str, data_config, split: str = "train", image_size: int = 256,
             shard_size: int = 1024, batch: int = 64, flip: bool = True) -> list[str]:
-  """Writes the shards this process owns that do not exist yet; returns the paths written."""
+  """Writes the shards this process owns that do not exist yet; returns the paths written.
+
+  Undecodable images (:class:`~ifsq_jax.data.sources.DecodeError`) are left out of
+  their shard and recorded beside it in ``shard-*.skipped.json`` (rows and the
+  skipped dataset positions with the error), with a warning naming them.
+  """
   tok = load_tokenizer(tokenizer_dir)
   source = pipeline_lib.build_source(data_config, split)
   count = math.ceil(len(source) / shard_size)
-  os.makedirs(out, exist_ok=True)
-  if jax.process_index() == 0:
-    meta = {"tokenizer": os.path.abspath(tokenizer_dir), "source": source.name, "examples": len(source),
-            "image_size": image_size, "shard_size": shard_size, "shards": count, "flip": flip,
-            "num_classes": getattr(source, "num_classes", 0), "levels": list(tok.config.levels),
-            "bottleneck": tok.config.bottleneck}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=2)
   fsq = tok.config.bottleneck in ("ifsq", "fsq")
+  has_indices = fsq or tok.config.bottleneck == "vq"
+  view = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+  codes_shape = tuple(jax.eval_shape(tok.encode, view).shape[1:])  # (h, w, D)
+  index_shape = tuple(jax.eval_shape(tok.encode_to_indices, view).shape[1:]) if has_indices else None
+  meta = {"tokenizer": os.path.abspath(tokenizer_dir), "source": source.name, "split": split,
+          "examples": len(source), "image_size": image_size, "shard_size": shard_size, "shards": count,
+          "flip": flip, "num_classes": getattr(source, "num_classes", 0), "levels": list(tok.config.levels),
+          "bottleneck": tok.config.bottleneck, "codes_shape": list(codes_shape),
+          "codes_dtype": "float16" if fsq else "float32",
+          "index_shape": list(index_shape) if index_shape else None,
+          "index_sizes": [int(s) for s in tok.config.index_sizes] if has_indices else None}
+  os.makedirs(out, exist_ok=True)
+  _check_same_extraction(out, meta)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(out, code_shards.META), meta)
+  empty = {"codes": np.zeros((0,) + codes_shape, np.float16 if fsq else np.float32), "labels": np.zeros((0,), np.int32)}
+  if has_indices:
+    empty["indices"] = np.zeros((0,) + index_shape, np.int32)
+  for k in list(empty):
+    if flip and k != "labels":
+      empty[k + "_flip"] = empty[k]
   written = []
   for shard in range(jax.process_index(), count, jax.process_count()):
     path = os.path.join(out, shard_name(shard, count))
     if os.path.exists(path):
       continue
     positions = np.arange(shard * shard_size, min((shard + 1) * shard_size, len(source)))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("indices", "codes", "labels", "indices_flip", "codes_flip")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in empty}
+    kept, skipped = [], []
     for start in range(0, len(positions), batch):
       images, labels = [], []
       for i in positions[start:start + batch]:
-        image, label = source[int(i)]
+        try:
+          image, label = source[int(i)]
+        except sources.DecodeError as e:
+          skipped.append({"index": int(i), "error": str(e)})
+          continue
         images.append(transforms.center_crop(image, image_size))
         labels.append(label)
+        kept.append(int(i))
+      if not images:
+        continue
       x = np.stack(images)
       parts["labels"].append(np.asarray(labels, np.int32))
       views = (("", x), ("_flip", x[:, :, ::-1])) if flip else (("", x),)
@@ -77,15 +130,34 @@ def extract(tokenizer_dir: str, out: str, data_config, split: str = "train", ima
         parts["codes" + suffix].append(np.asarray(codes, np.float16 if fsq else np.float32))
         if fsq:  # indices follow from the codes exactly
           parts["indices" + suffix].append(np.asarray(tok.config.fsq.codes_to_indices(codes), np.int32))
-        elif tok.config.bottleneck == "vq":
+        elif has_indices:
           parts["indices" + suffix].append(np.asarray(tok.encode_to_indices(view), np.int32))
-    arrays = {k: np.concatenate(v) for k, v in parts.items() if v}
-    arrays["index"] = positions.astype(np.int64)
+    arrays = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
+    arrays["index"] = np.asarray(kept, np.int64)
+    # The side file goes first: a shard that exists always has its row count right.
+    side = os.path.join(out, code_shards.skipped_name(shard, count))
+    if skipped:
+      _write_json(side, {"rows": len(kept), "skipped": skipped})
+      logging.warning("Skipped %d undecodable image(s) in %s: %s", len(skipped), shard_name(shard, count),
+                      "; ".join(e["error"] for e in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+    elif os.path.exists(side):
+      os.remove(side)
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     written.append(path)
   return written
+
+
+def skipped_images(paths: Sequence[str]) -> int:
+  """How many undecodable images the shards at ``paths`` left out (from their ``.skipped.json`` side files)."""
+  total = 0
+  for path in paths:
+    side = path.removesuffix(".npz") + ".skipped.json"
+    if os.path.exists(side):
+      with open(side) as f:
+        total += len(json.load(f)["skipped"])
+  return total
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name in ("image_size", "shard_size", "batch"):
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)} must be >= 1")
-  data = config_lib.base_config().data
+  data = config_lib.add_image_data(config_lib.base_config()).data
   data.name, data.path, data.tfds_name = args.data, args.path, args.tfds_name
   data.data_dir, data.manual_dir = args.data_dir, args.manual_dir
   try:
@@ -118,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (sources.DataError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"Wrote {len(written)} shards to {args.out}")
+  skipped = skipped_images(written)
+  print(f"Wrote {len(written)} shards to {args.out}"
+        + (f"; skipped {skipped} undecodable images (listed in shard-*.skipped.json)" if skipped else ""))
   return 0
 
 
