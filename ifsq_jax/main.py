@@ -82,7 +82,7 @@ def main(argv):
     task.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as e:
     sys.exit(f"Invalid config: {e}")
-  except (data.DataError, checkpoint.CheckpointMismatchError, loop.NonFiniteError) as e:
+  except (data.DataError, checkpoint.CheckpointError, loop.NonFiniteError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
 
 

@@ -150,3 +150,44 @@ def test_transforms_shapes_ranges_and_determinism():
   flips = sum(np.array_equal(transforms.resize_crop_flip(small, 32, np.random.default_rng(s)), flipped)
               for s in range(200))
   assert 60 < flips < 140
+
+
+def _code_shards(root, rows=(4, 4, 2), h=2, d=3):
+  """Shards as tools/extract writes them (no meta.json: sizes come from the shards)."""
+  from ifsq_jax.data import code_shards  # pylint: disable=g-import-not-at-top
+  root.mkdir()
+  rng = np.random.default_rng(0)
+  start = 0
+  for i, n in enumerate(rows):
+    codes = rng.uniform(-1, 1, (n, h, h, d)).astype(np.float16)
+    indices = rng.integers(0, 100, (n, h, h)).astype(np.int32)
+    np.savez(root / code_shards.shard_name(i, len(rows)), codes=codes, codes_flip=codes[:, :, ::-1],
+             indices=indices, indices_flip=indices[:, :, ::-1], labels=np.arange(start, start + n, dtype=np.int32),
+             index=np.arange(start, start + n))
+    start += n
+  return root
+
+
+def test_extracted_codes_batch_with_random_flips_and_resume_exactly(tmp_path):
+  from ifsq_jax.data import code_shards  # pylint: disable=g-import-not-at-top
+  src = code_shards.CodeShardSource(str(_code_shards(tmp_path / "codes")))
+  assert len(src) == 10
+  p = pipeline.Pipeline(src, pipeline.code_example(flip=True), 4, seed=1, prefetch=0)
+  batch = p.batch(0)
+  assert batch["codes"].shape == (4, 2, 2, 3) and batch["indices"].shape == (4, 2, 2) and batch["label"].shape == (4,)
+  flips = []
+  for step in range(10):  # 40 examples: each is its stored codes or their flip, chosen per example
+    b = p.batch(step)
+    for codes, label in zip(b["codes"], b["label"]):
+      plain, flipped = src[int(label)]["codes"], src[int(label)]["codes_flip"]
+      assert np.array_equal(codes, plain) or np.array_equal(codes, flipped)
+      flips.append(not np.array_equal(codes, plain))
+  assert 5 < sum(flips) < 35
+  no_flip = pipeline.Pipeline(src, pipeline.code_example(flip=False), 10, seed=1, shuffle=False, prefetch=0).batch(0)
+  np.testing.assert_array_equal(no_flip["label"], np.arange(10))
+  np.testing.assert_array_equal(no_flip["indices"][7], src[7]["indices"])
+  for _ in range(3):
+    next(p)
+  q = pipeline.Pipeline(src, pipeline.code_example(flip=True), 4, seed=1, prefetch=0)
+  q.restore(p.state())
+  np.testing.assert_array_equal(next(q)["codes"], next(p)["codes"])

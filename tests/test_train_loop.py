@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from conftest import read_metrics, toy_config
-from ifsq_jax import checkpoint
+from ifsq_jax import checkpoint, parallel
 from ifsq_jax.train import loop, state as state_lib, toy
 
 
@@ -174,3 +174,94 @@ def test_a_relative_work_dir_checkpoints_and_resumes(tmp_path, monkeypatch):
   assert int(state.step) == 4 and sorted(read_metrics(tmp_path / "out" / "run")) == [1, 2, 3, 4]
   params = checkpoint.restore_params("out/run", None)
   assert jax.tree.leaves(params)
+
+
+def test_compile_only_prints_each_steps_memory_and_writes_nothing(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from conftest import main_command, subprocess_env  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "never_written"
+  proc = subprocess.run(main_command(work, "--compile_only", "--config.data.image_size=16", "--config.model.width=16",
+                                     "--config.mesh.fsdp=2"),
+                        env=subprocess_env(8), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1} on 8 cpu devices" in proc.stdout
+  assert "step kind | arguments | outputs | aliased | temporaries | peak" in proc.stdout
+  row = [l for l in proc.stdout.splitlines() if l.startswith("train |")]
+  assert row and float(row[0].split("|")[1].replace(",", "")) > 0  # the sharded state per device, in MiB
+  assert not work.exists()
+
+
+def test_every_step_kind_is_compiled_before_step_one_with_its_memory_logged(tmp_path, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.INFO):
+    toy.train_and_evaluate(toy_config(**{"train.num_steps": 2}), tmp_path)
+  text = caplog.text
+  assert "Compiled step 'train'" in text and "Compiled steps, per device:" in text
+  assert text.index("Compiled steps, per device:") < text.index("step 1/2")
+  memory = loop.compile_steps(toy.ToyTrainer, toy_config(), toy.default_config())
+  assert [m.kind for m in memory] == ["train"] and memory[0].arguments > 0 and memory[0].aliased > 0
+
+
+class _KeyProbe(toy.ToyTrainer):
+  """Reports a number drawn from the key the loop hands each step."""
+
+  def train_steps(self):
+    inner = super().train_steps()["train"]
+
+    def step(state, batch, key, frozen):
+      new, metrics = inner(state, batch, key, frozen)
+      return new, {**metrics, "draw": jax.random.uniform(key)}
+
+    return {"train": step}
+
+
+def test_the_loop_folds_the_step_into_the_key_once(tmp_path):
+  cfg = toy_config(**{"train.num_steps": 3})
+  loop.run(_KeyProbe, cfg, tmp_path, schema=toy.default_config())
+  _, step_key = jax.random.split(jax.random.key(cfg.seed))
+  metrics = read_metrics(tmp_path)
+  for step in (1, 2, 3):  # the record of step s comes from the step that started at state.step = s - 1
+    np.testing.assert_allclose(metrics[step]["draw"], float(jax.random.uniform(jax.random.fold_in(step_key, step - 1))),
+                               rtol=1e-6)
+
+
+def test_nonfinite_guard_holds_one_state():
+  """The guard decides before the update (lax.cond): its temporaries are the unguarded step's, where selecting
+  between an updated and the old state after the update holds a second state."""
+  cfg = toy_config(**{"model.width": 256, "model.mlp_width": 2048, "train.global_batch_size": 8})
+  mesh = parallel.make_mesh(1, 1, 1, jax.devices()[:1])
+  trainer = toy.ToyTrainer(cfg, mesh)
+  _, abstract = loop.abstract_state(trainer, jax.random.key(0), mesh, cfg.mesh.rules)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in trainer.batch_shapes().items()}
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+
+  def unguarded(state, b, key):
+    loss, _, grads = state_lib.accumulate_gradients(trainer.loss_fn, state.params, b, key, 1)
+    return state_lib.apply_gradients(state, grads, trainer.tx, 0.9), loss
+
+  def select_after(state, b, key):
+    new, loss = unguarded(state, b, key)
+    return jax.tree.map(lambda n, o: jnp.where(jnp.isfinite(loss), n, o), new, state), loss
+
+  guarded = lambda s, b, k: trainer.train_steps()["train"](s, b, k, {})
+  temp = {}
+  for name, fn in (("guarded", guarded), ("unguarded", unguarded), ("select_after", select_after)):
+    compiled = jax.jit(fn, donate_argnums=(0,)).lower(abstract, batch, jax.random.key(0)).compile()
+    temp[name] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp["guarded"] <= temp["unguarded"] + 0.05 * state_bytes, temp
+  assert temp["select_after"] >= temp["unguarded"] + 0.25 * state_bytes, temp
+
+
+def test_constrain_maps_logical_names_inside_the_sharding_context():
+  mesh = parallel.make_mesh(2, 4, 1)
+  x = jnp.ones((8, 12, 16))
+  fn = lambda a: parallel.constrain(a * 2, (parallel.BATCH, None, parallel.EMBED))
+  with parallel.sharding_context(mesh, parallel.DEFAULT_RULES):
+    y = jax.jit(fn)(x)
+    text = jax.jit(fn).lower(x).as_text()
+  assert tuple(y.sharding.spec) + (None,) * (3 - len(y.sharding.spec)) == (("data", "fsdp"), None, None)  # no fsdp left
+  assert 'sharding_constraint' in text
+  np.testing.assert_array_equal(np.asarray(y), 2.0)
+  assert "sharding_constraint" not in jax.jit(fn).lower(x).as_text()  # outside a context: unchanged
+  with pytest.raises(ValueError, match="2 axis names"):
+    parallel.constrain(x, (parallel.BATCH, None))

@@ -141,12 +141,12 @@ class StepMemory:
 
 
 def memory_table(rows: list[StepMemory]) -> str:
-  """The compiled steps' memory as a text table (GiB per device)."""
-  gib = lambda b: f"{b / 2**30:.3f}"
-  lines = ["step kind | arguments | outputs | aliased | temporaries | peak | code (MiB)  [GiB per device]"]
+  """The compiled steps' memory as a text table (MiB per device)."""
+  mib = lambda b: f"{b / 2**20:,.1f}"
+  lines = ["step kind | arguments | outputs | aliased | temporaries | peak | code  [MiB per device]"]
   for r in rows:
-    lines.append(f"{r.kind} | {gib(r.arguments)} | {gib(r.outputs)} | {gib(r.aliased)} | {gib(r.temporaries)} | "
-                 f"{gib(r.peak)} | {r.code / 2**20:.2f}")
+    lines.append(f"{r.kind} | {mib(r.arguments)} | {mib(r.outputs)} | {mib(r.aliased)} | {mib(r.temporaries)} | "
+                 f"{mib(r.peak)} | {mib(r.code)}")
   return "\n".join(lines)
 
 

@@ -28,6 +28,8 @@ B batch, H W image size.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,6 +39,7 @@ import optax
 from ifsq_jax import config_lib, parallel
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.eval import reconstruction as recon_lib
+from ifsq_jax.models import pretrained
 from ifsq_jax.models.discriminator import PatchDiscriminator
 from ifsq_jax.models.tokenizer import BOTTLENECKS, Tokenizer, TokenizerConfig, conv_out
 from ifsq_jax.nets import lpips
@@ -107,10 +110,7 @@ def small_cpu_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def model_config(c: ml_collections.ConfigDict) -> TokenizerConfig:
-  """The architecture of a tokenizer run's config."""
-  return config_lib.to_dataclass(TokenizerConfig, c.model, resolution=c.data.image_size,
-                                 group_sizes=tuple(c.model.group_sizes) or None)
+model_config = pretrained.model_config  # the architecture of a tokenizer run's config
 
 
 def _latent_and_encoding(module: Tokenizer, x: jax.Array, train: bool):
@@ -169,7 +169,6 @@ class TokenizerTrainer(loop.Trainer):
     no_clip = ml_collections.ConfigDict(o.to_dict())
     no_clip.grad_clip_norm = 0.0
     self.tx_disc = state_lib.make_optimizer(no_clip, config.train.num_steps)
-    self._eval_data = pipeline_lib.build_pipeline(config, config.data.eval_split, train=False, batch_size=8)
     self._reconstruct = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
     fsq = self._fsq = self.cfg.bottleneck in ("ifsq", "fsq")
     indices = self.cfg.bottleneck in ("ifsq", "fsq", "vq")
@@ -179,6 +178,11 @@ class TokenizerTrainer(loop.Trainer):
       return recon, out.codes if fsq else None, out.indices if indices else None
 
     self._eval_step = jax.jit(eval_step)
+
+  @functools.cached_property
+  def _eval_data(self) -> pipeline_lib.Pipeline:
+    """The validation images, opened on first use (compiling needs no data)."""
+    return pipeline_lib.build_pipeline(self.config, self.config.data.eval_split, train=False, batch_size=8)
 
   def train_data(self, process_index, process_count):
     c = self.config

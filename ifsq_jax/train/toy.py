@@ -10,6 +10,8 @@ B batch, H W image size, C channels.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,8 +81,6 @@ class ToyTrainer(loop.Trainer):
     m = config.model
     self.model = ToyAutoencoder(m.width, m.mlp_width, tuple(m.levels))
     self.tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
-    self._eval = pipeline_lib.build_pipeline(config, config.data.eval_split, train=False,
-                                             batch_size=config.data.eval_examples)
     self._reconstruct = jax.jit(lambda params, images: self.model.apply({"params": params}, images)[0])
 
   @classmethod
@@ -99,6 +99,11 @@ class ToyTrainer(loop.Trainer):
     c = self.config
     s, b = c.data.image_size, c.train.global_batch_size
     return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32), "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
+  @functools.cached_property
+  def _eval(self) -> pipeline_lib.Pipeline:
+    c = self.config
+    return pipeline_lib.build_pipeline(c, c.data.eval_split, train=False, batch_size=c.data.eval_examples)
 
   def init_state(self, rng):
     s = self.config.data.image_size
