@@ -73,6 +73,8 @@ class StopFlag:
       return self.signum is not None
     if multihost_utils.reached_preemption_sync_point(step):
       self.signum = self.signum or signal.SIGTERM
+      logging.warning("A preemption notice (SIGTERM) reached the processes: stopping after step %d on all of them, "
+                      "saving a checkpoint and exiting.", step)
       return True
     return False
 

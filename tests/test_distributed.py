@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from conftest import REPO, main_command, read_metrics, subprocess_env
+from conftest import REPO, main_command, read_metrics, read_records, subprocess_env
 
 FLAGS = ["--config.data.image_size=16", "--config.model.width=16", "--config.model.mlp_width=64",
          "--config.data.eval_examples=8", "--config.train.log_every=1", "--config.train.num_steps=4",
@@ -61,7 +61,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   outs = [p.communicate(timeout=120)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  assert "Received SIGTERM" in outs[1] and "Received SIGTERM" not in outs[0]
+  # JAX's preemption service carries the notice to the other process; both stop after the same step.
+  assert all("preemption notice (SIGTERM)" in out for out in outs)
   stopped = [int(re.search(r"Stopped at step (\d+)", out).group(1)) for out in outs]
   assert stopped[0] == stopped[1] == max(read_metrics(tmp_path)) >= 3
   assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == [stopped[0]]
@@ -84,7 +85,7 @@ def test_tokenizer_trains_and_evaluates_over_two_processes(tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  m = read_metrics(work)
+  m = read_records(work)
   assert sorted(m) == [1, 2, 3] and "disc/loss" in m[2] and "adaptive_weight" in m[3]
   result = json.loads((work / "eval.json").read_text())
   assert result["images"] == 20 and result["psnr"] > 0 and 0 < result["code_usage"] <= 1

@@ -218,7 +218,7 @@ class _KeyProbe(toy.ToyTrainer):
 def test_the_loop_folds_the_step_into_the_key_once(tmp_path):
   cfg = toy_config(**{"train.num_steps": 3})
   loop.run(_KeyProbe, cfg, tmp_path, schema=toy.default_config())
-  _, step_key = jax.random.split(jax.random.key(cfg.seed))
+  step_key = loop.step_key(cfg.seed)
   metrics = read_metrics(tmp_path)
   for step in (1, 2, 3):  # the record of step s comes from the step that started at state.step = s - 1
     np.testing.assert_allclose(metrics[step]["draw"], float(jax.random.uniform(jax.random.fold_in(step_key, step - 1))),

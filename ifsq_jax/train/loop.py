@@ -14,8 +14,8 @@ with the task's per-example function), its frozen networks
 captured in a closure would be baked into the compiled program as constants),
 its step functions, and how a checkpoint initialises it (:meth:`Trainer.init_from`).
 
-Randomness: one base key from ``config.seed``; the loop hands step ``s`` the key
-``fold_in(key, s)`` (trainers do not fold again), and batches are a pure
+Randomness: one base key from ``config.seed`` (:func:`step_key`); the loop hands
+step ``s`` the key ``fold_in(key, s)`` (trainers do not fold again), and batches are a pure
 function of (seed, step), so a resumed run draws the same numbers and examples
 as an uninterrupted one.
 
@@ -163,13 +163,13 @@ class _Steps:
   step (see :mod:`ifsq_jax.multihost`).
   """
 
-  def __init__(self, fns: dict[str, StepFn], kinds: list[str], shardings: Any, mesh, rules, abstract_args: tuple,
-               run_id: int):
+  def __init__(self, fns: dict[str, StepFn], kinds: list[str], shardings: Any, mesh, rules, seed: int,
+               abstract_args: tuple, run_id: int):
     self.compiled = {}
     self.memory: list[StepMemory] = []
     with parallel.sharding_context(mesh, rules):
       for kind in kinds:
-        jitted = _jit_step(fns[kind], shardings, mesh)
+        jitted = _jit_step(fns[kind], shardings, mesh, seed)
         start = time.time()
         self.compiled[kind] = jitted.lower(*abstract_args).compile()
         self.memory.append(_memory(kind, self.compiled[kind]))
@@ -195,14 +195,20 @@ def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> Non
   path.write_text(text)
 
 
-def _jit_step(fn: StepFn, shardings: Any, mesh) -> Callable:
-  def step(state, batch, base_key, frozen):
-    new, metrics = fn(state, batch, jax.random.fold_in(base_key, state.step), frozen)
+def step_key(seed: int) -> jax.Array:
+  """The base key of the train steps (``config.seed``'s second split; the first initialises)."""
+  return jax.random.split(jax.random.key(seed))[1]
+
+
+def _jit_step(fn: StepFn, shardings: Any, mesh, seed: int) -> Callable:
+  def step(state, batch, frozen):
+    # The only fold of the step into the key; a constant of the program, so no key array crosses processes.
+    new, metrics = fn(state, batch, jax.random.fold_in(step_key(seed), state.step), frozen)
     if "nonfinite" not in metrics:
       raise ValueError("a train step must report metrics['nonfinite'] (use state.apply_if_finite).")
     return new, metrics
-  return jax.jit(step, in_shardings=(shardings, None, parallel.replicated(mesh), None),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(shardings, None, None), out_shardings=(shardings, parallel.replicated(mesh)),
+                 donate_argnums=(0,))
 
 
 def _kinds_used(trainer: Trainer, names: list[str], start: int, end: int) -> list[str]:
@@ -244,9 +250,9 @@ def compile_steps(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
   shardings, abstract = abstract_state(trainer, init_key, mesh, m.rules)
   frozen = jax.eval_shape(trainer.frozen)
   kinds = _kinds_used(trainer, list(trainer.train_steps()), 0, config.train.num_steps)
-  args = (abstract, _abstract_batch(trainer, mesh), jax.eval_shape(lambda: jax.random.key(0)),
+  args = (abstract, _abstract_batch(trainer, mesh),
           jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), frozen))
-  return _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, args, run_id=-1).memory
+  return _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, config.seed, args, run_id=-1).memory
 
 
 def _abstract_batch(trainer: Trainer, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -287,7 +293,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   trainer = trainer_cls(config, mesh)
   t = config.train
 
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  init_key, _ = jax.random.split(jax.random.key(config.seed))
   shardings, abstract = abstract_state(trainer, init_key, mesh, m.rules)
   data = trainer.train_data(jax.process_index(), jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
@@ -306,12 +312,11 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
         state = trainer.init_from(state, config.checkpoint.init_from)
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
-  frozen = jax.device_put(trainer.frozen(), parallel.replicated(mesh))  # once; passed to every step
-  step_key = jax.device_put(step_key, parallel.replicated(mesh))
+  frozen = parallel.replicate(trainer.frozen(), mesh)  # placed once; passed to every step
   flag = multihost.StopFlag()
   kinds = _kinds_used(trainer, list(trainer.train_steps()), step, t.num_steps)
-  steps = _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules,
-                 (abstract, _abstract_batch(trainer, mesh), step_key, frozen), flag.run_id)
+  steps = _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, config.seed,
+                 (abstract, _abstract_batch(trainer, mesh), frozen), flag.run_id)
   logging.info("Compiled steps, per device:\n%s", memory_table(steps.memory))
   writer = writers.create_writer(workdir)
   config_dict = config.to_dict()
@@ -321,7 +326,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   try:
     while step < t.num_steps:
       batch = parallel.global_batch(next(data), mesh)
-      state, metrics = steps(trainer.step_kind(step), state, batch, step_key, frozen)
+      state, metrics = steps(trainer.step_kind(step), state, batch, frozen)
       step += 1
       host.add(step, metrics)  # fetched lazily: the device runs ahead
       stop = flag.requested(step)
