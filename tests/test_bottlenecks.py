@@ -1,5 +1,6 @@
 """The Linen bottlenecks: FSQ layer (with and without projections), VQ, KL and AE."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ def test_fsq_layer_without_projection_has_no_parameters_and_matches_fsq():
   fsq = FSQ((17, 17, 17, 17))
   layer = FSQBottleneck(fsq)
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 4)) * 2
-  variables = layer.init(jax.random.key(1), z)
+  variables = nn.meta.unbox(layer.init(jax.random.key(1), z))
   assert jax.tree_util.tree_leaves(variables) == []
   out = jax.jit(layer.apply)(variables, z)
   assert isinstance(out, BottleneckOutput)
@@ -30,7 +31,7 @@ def test_fsq_layer_projects_when_width_differs_and_trains_through_ste():
   fsq = FSQ((5, 5, 5), group_sizes=(1, 2))
   layer = FSQBottleneck(fsq, features=16)
   z = jax.random.normal(jax.random.key(0), (4, 10, 16))
-  params = layer.init(jax.random.key(1), z)
+  params = nn.meta.unbox(layer.init(jax.random.key(1), z))
   assert params["params"]["project_in"]["kernel"].shape == (16, 3)
   assert params["params"]["project_out"]["kernel"].shape == (3, 16)
   out = layer.apply(params, z)
@@ -48,7 +49,7 @@ def test_vq_picks_the_nearest_code_and_uses_reference_beta_placement():
   k, d = 64, 8
   layer = VectorQuantizer(codebook_size=k, features=d, beta=0.25)
   z = jax.random.normal(jax.random.key(0), (3, 5, 5, d)) * 0.05
-  params = layer.init(jax.random.key(1), z)
+  params = nn.meta.unbox(layer.init(jax.random.key(1), z))
   e = np.asarray(params["params"]["codebook"])
   assert np.abs(e).max() <= 1.0 / k
   out = layer.apply(params, z)
@@ -77,7 +78,7 @@ def test_vq_picks_the_nearest_code_and_uses_reference_beta_placement():
 def test_vq_commitment_placement_and_l2_normalized_codebook():
   layer = VectorQuantizer(codebook_size=32, features=4, beta=0.25, beta_on="commitment", l2_normalize=True)
   z = jax.random.normal(jax.random.key(0), (50, 4))
-  params = layer.init(jax.random.key(1), z)
+  params = nn.meta.unbox(layer.init(jax.random.key(1), z))
   out = layer.apply(params, z)
   e = np.asarray(params["params"]["codebook"])
   e = e / np.linalg.norm(e, axis=-1, keepdims=True)

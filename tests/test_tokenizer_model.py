@@ -111,10 +111,10 @@ ATTN = dict(hidden_size=32, hidden_size_mult=(1, 2), num_res_blocks=1, downsampl
             upsample=(False, True), resolution=32, attn_resolutions=(16,))
 
 
-@pytest.mark.parametrize("bottleneck", ["ifsq", "fsq", "kl", "ae"])
+@pytest.mark.parametrize("bottleneck", ["ifsq", "fsq", "kl", "ae", "vq"])
 def test_every_parameter_has_logical_axis_names_and_unboxes_to_the_plain_layout(bottleneck):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  boxed = _init_shapes(TokenizerConfig(**ATTN, bottleneck=bottleneck))
+  boxed = _init_shapes(TokenizerConfig(**ATTN, bottleneck=bottleneck, vq_codebook_size=64))
   leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   unnamed = [jax.tree_util.keystr(p) for p, x in leaves if not isinstance(x, nn.LogicallyPartitioned)]
   assert not unnamed

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ifsq_jax import parallel
 from ifsq_jax.quantizers.bottleneck import BottleneckOutput
 from ifsq_jax.quantizers.stats import entropy_bits
 
@@ -94,7 +95,9 @@ class VectorQuantizer(nn.Module):
       w = jax.random.uniform(key, shape, dtype, -1.0 / k, 1.0 / k)
       return _l2_normalize(w) if self.l2_normalize else w
 
-    self.codebook = self.param("codebook", init, (k, self.features))
+    # Named axes: the loop's rules shard the codebook like an embedding table.
+    self.codebook = self.param("codebook", nn.with_logical_partitioning(init, (parallel.VOCAB, parallel.EMBED)),
+                               (k, self.features))
 
   def _table(self) -> jax.Array:
     e = self.codebook.astype(jnp.float32)
