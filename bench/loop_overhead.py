@@ -45,7 +45,8 @@ def bare_rates(cfg, steps: int, chunk: int = 10) -> list[float]:
   trainer = toy.ToyTrainer(cfg, mesh)
   key = jax.random.key(0)
   state = jax.jit(lambda k: nn.meta.unbox(trainer.init_state(k)))(key)
-  step = jax.jit(trainer.train_steps()["train"], donate_argnums=(0,))
+  fn = trainer.train_steps()["train"]
+  step = jax.jit(lambda st, b, k: fn(st, b, jax.random.fold_in(k, st.step), {}), donate_argnums=(0,))
   s = cfg.data.image_size
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(
