@@ -374,6 +374,9 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
     writer.flush()
     data.close()
     flag.restore()
+  # Processes leave together: the last saves and evaluations end at different times, and jax.distributed's
+  # shutdown gives a process a limited wait for its peers.
+  multihost.barrier(f"ifsq_jax/end/{flag.run_id}")
   return state
 
 
