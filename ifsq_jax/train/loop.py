@@ -27,6 +27,7 @@ reports ``nonfinite``; the loop stops after ``train.max_nonfinite_steps`` in a r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -43,6 +44,8 @@ from ifsq_jax import checkpoint, config_lib, multihost, parallel
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.train import state as state_lib
 from ifsq_jax.train import writers
+
+_INITS = itertools.count()  # fresh-init barriers; every process counts them in the same order
 
 # (state, batch, key, frozen) -> (new state, metrics with "nonfinite" and, for logging, "loss").
 StepFn = Callable[[state_lib.TrainState, dict[str, jax.Array], jax.Array, Any], tuple[state_lib.TrainState, dict]]
@@ -307,7 +310,12 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   else:
     step = 0
     with parallel.sharding_context(mesh, m.rules):
-      state = jax.jit(lambda k: nn.meta.unbox(trainer.init_state(k)), out_shardings=shardings)(init_key)
+      init = jax.jit(lambda k: nn.meta.unbox(trainer.init_state(k)), out_shardings=shardings)
+      init = init.lower(init_key).compile()
+      # With several processes, the first program over all devices starts on every process at once: the CPU
+      # collectives (gloo) give a process 30 s to meet its peers the first time a group of devices is used.
+      multihost.barrier(f"ifsq_jax/init/{next(_INITS)}")
+      state = init(init_key)
       if config.checkpoint.init_from:
         state = trainer.init_from(state, config.checkpoint.init_from)
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
