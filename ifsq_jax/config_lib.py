@@ -134,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.eval_every = 0  # 0: only at the end
   c.train.image_every = 0  # 0: only at the end
+  c.train.eval_at_start = False  # also evaluate and write images before the first step of a fresh run
   c.train.ema_decay = 0.999
   c.train.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
   c.train.compute_dtype = "float32"

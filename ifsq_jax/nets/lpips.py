@@ -33,8 +33,8 @@ from ifsq_jax.models.conv import Padding, check_impl, conv2d
 from ifsq_jax.nets import safe_pickle
 
 NETS = ("vgg16", "alexnet")
-_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
-_SCALE = np.array([0.458, 0.448, 0.450], np.float32)
+SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
+SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 _VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 _VGG_TAPS = (1, 4, 8, 12, 16)  # indices into _VGG_CFG of relu1_2 .. relu5_3
 
@@ -149,7 +149,7 @@ class LPIPS(nn.Module):
     trunk_cls = VGG16Features if self.net == "vgg16" else AlexNetFeatures
     trunk = trunk_cls(self.conv_impl, name="features")
     x = jnp.concatenate([x0, x1]).astype(jnp.float32)
-    feats = trunk((x - _SHIFT) / _SCALE)
+    feats = trunk((x - SHIFT) / SCALE)
     b = x0.shape[0]
     total = 0.0
     for i, f in enumerate(feats):
@@ -194,6 +194,6 @@ def vgg16_pool_features(params: dict[str, Any], images: jax.Array, conv_impl: st
   The features behind ``fd_vgg16``, a Frechet distance that needs no download; it
   is not FID and its values are not comparable with FID.
   """
-  x = (jnp.asarray(images, jnp.float32) - _SHIFT) / _SCALE
+  x = (jnp.asarray(images, jnp.float32) - SHIFT) / SCALE
   taps = VGG16Features(conv_impl).apply({"params": params["params"]["features"]}, x)
   return jnp.mean(taps[-1], axis=(1, 2))

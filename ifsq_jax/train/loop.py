@@ -61,11 +61,13 @@ class Trainer:
   Attributes:
     config: The run's config.
     mesh: The device mesh.
+    workdir: The run's work dir (None when only compiling).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.config = config
     self.mesh = mesh
+    self.workdir: epath.Path | None = None
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -114,6 +116,17 @@ class Trainer:
     step, fields = checkpoint.restore_fields(path, abstract)
     logging.info("Initialised params and EMA from step %d of %s", step, path)
     return state.replace(**fields)
+
+  def prepare(self, state: state_lib.TrainState, data: pipeline_lib.Pipeline, frozen: Any) -> state_lib.TrainState:
+    """Called once on a fresh state (after init or ``init_from``, never on resume), before step 1.
+
+    A task measures what it needs from its training data here and keeps it in
+    the state, so that a resumed run uses the same values (the DiT trainer
+    measures its latent scale). ``data.batch(i)`` reads without advancing the
+    pipeline; ``frozen`` is :meth:`frozen`, already on the devices.
+    """
+    del data, frozen
+    return state
 
   def evaluate(self, state: state_lib.TrainState, step: int) -> dict[str, float]:
     """Evaluation metrics (host floats); called every ``train.eval_every`` steps and at the end."""
@@ -294,6 +307,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   logging.info("Process %d of %d; %d local / %d global devices; mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
   trainer = trainer_cls(config, mesh)
+  trainer.workdir = workdir
   t = config.train
 
   init_key, _ = jax.random.split(jax.random.key(config.seed))
@@ -301,6 +315,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   data = trainer.train_data(jax.process_index(), jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
+  frozen = parallel.replicate(trainer.frozen(), mesh)  # placed once; passed to every step
   restored = ckpt.restore_latest(abstract)
   if restored is not None:
     step, state, data_state = restored
@@ -318,9 +333,9 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
       state = init(init_key)
       if config.checkpoint.init_from:
         state = trainer.init_from(state, config.checkpoint.init_from)
+    state = trainer.prepare(state, data, frozen)
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
-  frozen = parallel.replicate(trainer.frozen(), mesh)  # placed once; passed to every step
   flag = multihost.StopFlag()
   kinds = _kinds_used(trainer, list(trainer.train_steps()), step, t.num_steps)
   steps = _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, config.seed,
@@ -330,6 +345,9 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   config_dict = config.to_dict()
   host = _HostMetrics(int(state.nonfinite_run), t.max_nonfinite_steps)
   examples_per_step = t.global_batch_size
+  if step == 0 and t.eval_at_start:  # the untrained model's numbers, for comparison with the end
+    _evaluate(trainer, state, step, workdir, writer, final=False)
+    _write_images(trainer, state, step, workdir, writer)
   last_time, last_step = time.time(), step
   try:
     while step < t.num_steps:
@@ -366,11 +384,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
       if save:  # before evaluating: a failing evaluation never costs the step's checkpoint
         ckpt.save(step, state, data.state(), config_dict)
       if evaluate:
-        scalars = trainer.evaluate(state, step)
-        if scalars:
-          writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
-          if final and jax.process_index() == 0:
-            (workdir / "eval.json").write_text(json.dumps({"step": step, **scalars}, indent=2))
+        _evaluate(trainer, state, step, workdir, writer, final)
       if images:
         _write_images(trainer, state, step, workdir, writer)
       if stop:
@@ -386,6 +400,14 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   # shutdown gives a process a limited wait for its peers.
   multihost.barrier(f"ifsq_jax/end/{flag.run_id}")
   return state
+
+
+def _evaluate(trainer: Trainer, state, step: int, workdir: epath.Path, writer, final: bool) -> None:
+  scalars = trainer.evaluate(state, step)
+  if scalars:
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+    if final and jax.process_index() == 0:
+      (workdir / "eval.json").write_text(json.dumps({"step": step, **scalars}, indent=2))
 
 
 def _write_images(trainer: Trainer, state, step: int, workdir: epath.Path, writer) -> None:
