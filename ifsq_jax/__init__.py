@@ -12,6 +12,7 @@ from ifsq_jax.quantizers import (
     scaled_sigmoid,
 )
 
+from ifsq_jax.models.loading import load_model
 from ifsq_jax.models.pretrained import load_tokenizer
 
 __version__ = "0.1.0"

@@ -39,6 +39,7 @@ CONV_OUT = "conv_out"  # output channels of a conv kernel
 NORM = "norm"  # scales and biases
 KERNEL_H = "kernel_h"  # kernel height (a logical name occurs once per array: height and width differ)
 KERNEL_W = "kernel_w"  # kernel width
+LAYERS = "layers"  # the stacked layer axis of scanned blocks (nn.scan)
 
 # (logical name, mesh axes or None). Tuples, so that configs can hold them.
 DEFAULT_RULES = (
@@ -53,6 +54,7 @@ DEFAULT_RULES = (
     (NORM, None),
     (KERNEL_H, None),
     (KERNEL_W, None),
+    (LAYERS, None),
 )
 
 

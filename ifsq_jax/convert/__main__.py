@@ -3,7 +3,9 @@
 Kinds: ``dinov2`` (Hugging Face safetensors or torch-hub .pth), ``inception`` (pytorch-fid's
 ``pt_inception-2015-12-05-6726825d.pth``), ``vgg16`` (torchvision's VGG16, with
 ``--lpips_lin vgg.pth`` for the LPIPS heads), ``tokenizer`` (an official iFSQ ``checkpoint-*.ckpt``
-with ``--config run.json``). It reports what it
+with ``--config run.json``), ``dit`` (an official DiT checkpoint ``*.pt`` with ``--config run.yaml``,
+else the config saved in the checkpoint). ``tokenizer`` and ``dit`` take the EMA weights unless
+``--no_ema`` is given. It reports what it
 mapped and refuses a partial mapping unless ``--allow_partial`` is given; then every
 checkpoint entry it dropped and every parameter left at its initial value is listed
 (a warning on stderr) and counted in the final line.
@@ -15,10 +17,11 @@ import argparse
 import logging
 import sys
 
-from ifsq_jax.convert import dinov2, inception, tokenizer, torch_io, vgg16
+from ifsq_jax.convert import dinov2, dit, inception, tokenizer, torch_io, vgg16
 
 KINDS = {"dinov2": dinov2.convert_file, "inception": inception.convert_file, "vgg16": vgg16.convert_file,
-         "tokenizer": tokenizer.convert_file}
+         "tokenizer": tokenizer.convert_file, "dit": dit.convert_file}
+WITH_CONFIG = ("tokenizer", "dit")  # kinds that take --config and --no_ema
 
 
 def main(argv=None) -> int:
@@ -28,18 +31,20 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output directory (config.json + params.safetensors)")
   parser.add_argument("--allow_partial", action="store_true", help="convert even if some entries are not mapped")
   parser.add_argument("--lpips_lin", default=None, help="vgg16 only: LPIPS linear heads (vgg.pth)")
-  parser.add_argument("--config", default=None, help="tokenizer only: the model's run.json / config.json")
-  parser.add_argument("--no_ema", action="store_true", help="tokenizer only: take state_dict, not ema_state_dict")
+  parser.add_argument("--config", default=None,
+                      help="tokenizer: the model's run.json / config.json; dit: the run's run.yaml")
+  parser.add_argument("--no_ema", action="store_true",
+                      help="tokenizer: take state_dict, not ema_state_dict; dit: take model, not ema")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   try:
     extra = {"lpips_lin": args.lpips_lin} if args.kind == "vgg16" else {}
-    if args.kind == "tokenizer":
+    if args.kind in WITH_CONFIG:
       extra = {"config": args.config, "use_ema": not args.no_ema}
     if args.lpips_lin and args.kind != "vgg16":
       parser.error("--lpips_lin is only for vgg16")
-    if (args.config or args.no_ema) and args.kind != "tokenizer":
-      parser.error("--config and --no_ema are only for tokenizer")
+    if (args.config or args.no_ema) and args.kind not in WITH_CONFIG:
+      parser.error(f"--config and --no_ema are only for {' and '.join(WITH_CONFIG)}")
     cfg = KINDS[args.kind](args.checkpoint, args.out, args.allow_partial, **extra)
   except (torch_io.ConversionError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
