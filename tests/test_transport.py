@@ -158,3 +158,19 @@ def test_missing_repa_features_is_an_error():
   with pytest.raises(ValueError, match="REPA features"):
     transport.flow_matching_loss(lambda x, t, y: x, jax.random.key(0), x1, jnp.zeros(2, jnp.int32),
                                  repa_target=jnp.zeros((2, 16, 8)))
+
+
+def test_gradients_are_finite_when_the_prediction_is_zero():
+  """A DiT's final layer starts at zero: the cosine and REPA terms must still give finite gradients."""
+  x1 = jnp.ones((2, 4, 4, 3))
+  target = jnp.ones((2, 16, 8))
+
+  def loss(w):
+    def velocity(x, t, y):
+      del t, y
+      return x * w, jnp.zeros((2, 16, 8)) + w
+    return transport.flow_matching_loss(velocity, jax.random.key(0), x1, jnp.zeros((2,), jnp.int32),
+                                        repa_target=target)[0]
+
+  g = jax.grad(loss)(jnp.float32(0.0))
+  assert np.isfinite(float(g))

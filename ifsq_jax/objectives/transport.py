@@ -97,9 +97,14 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def _normalize(x: jax.Array, eps: float) -> jax.Array:
-  """``x / max(|x|, eps)`` over the last axis in float32 (fp16 normalisation goes NaN in long runs)."""
+  """``x / max(|x|, eps)`` over the last axis in float32 (fp16 normalisation goes NaN in long runs).
+
+  The clamp acts on the squared norm: the same value, but a finite gradient at x = 0
+  (sqrt's infinite slope there would make it NaN), which the zero-initialised
+  final layer of a DiT outputs at step 0.
+  """
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 def _cosine(a: jax.Array, b: jax.Array, eps: float) -> jax.Array:
