@@ -44,18 +44,19 @@ def image_example(transform: transforms.Transform, image_size: int) -> ExampleFn
   return fn
 
 
-def code_example(flip: bool = True) -> ExampleFn:
+def code_example(flip: bool = True, keys: tuple[str, ...] = ("codes", "indices")) -> ExampleFn:
   """The per-example function over extracted codes (:class:`~ifsq_jax.data.code_shards.CodeShardSource`).
 
   With ``flip``, each example takes its horizontally flipped image's codes and
   indices with probability 1/2 (the flips ``tools/extract.py`` stores), as an
-  image pipeline's random flip would.
+  image pipeline's random flip would. ``keys``: which of ``codes`` / ``indices``
+  the examples carry (a DiT needs the codes only).
   """
 
   def fn(raw, rng):
     flipped = flip and "codes_flip" in raw and rng.random() < 0.5
     out = {"label": np.int32(raw["label"])}
-    for key in ("codes", "indices"):
+    for key in keys:
       if key in raw:
         out[key] = np.asarray(raw[f"{key}_flip"] if flipped else raw[key])
     return out

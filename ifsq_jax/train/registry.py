@@ -10,6 +10,7 @@ from ifsq_jax import config_lib
 TASKS = {
     "toy": "ifsq_jax.train.toy",
     "tokenizer": "ifsq_jax.train.tokenizer",
+    "dit": "ifsq_jax.train.dit",
 }
 
 

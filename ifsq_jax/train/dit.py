@@ -1,0 +1,423 @@
+"""DiT with REPA on iFSQ latents: flow matching (SiT convention, t = 1 is data) on the tokenizer's codes.
+
+What a step does (the reference's ``dit/train.py``): encode the batch's images
+with the frozen tokenizer (or read extracted codes), scale the codes by the
+run's latent scale, draw x0 ~ N(0, I) and a logit-normal t, and regress the
+velocity x1 - x0 with MSE + channel cosine loss + ``repa.coef`` x REPA (the
+projector after block ``model.encoder_depth`` aligned with a frozen encoder's
+patch features on the same images).
+
+Differences from the reference, on purpose:
+
+* The latent scale is measured (1 / std of the codes over the first
+  ``latent.scale_batches`` training batches) at the start of a run and kept in
+  the checkpoint and in ``latent.json``; the reference's 1.092421 belongs to its
+  own tokenizer (set ``latent.scale`` to use a fixed value).
+* The REPA target gets no gradient (the reference computes it with autograd on).
+* Samples are guided on all latent channels (``sample.cfg_channels = 0``); the
+  reference guides channels 0-2 only (``cfg_channels = 3`` reproduces it).
+
+B batch, H W image size, h w latent size, C latent channels, N tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ifsq_jax import config_lib, parallel
+from ifsq_jax.data import code_shards
+from ifsq_jax.data import pipeline as pipeline_lib
+from ifsq_jax.models import dit as dit_lib
+from ifsq_jax.models.pretrained import load_tokenizer
+from ifsq_jax.nets import repa
+from ifsq_jax.objectives import transport
+from ifsq_jax.sampling import flow
+from ifsq_jax.train import loop, sample_eval
+from ifsq_jax.train import state as state_lib
+
+QUICKSTART_TOKENIZER = "out/quickstart"
+MAKE_QUICKSTART_TOKENIZER = "python -m ifsq_jax.main --config=configs/quickstart.py --workdir=out/quickstart"
+
+
+def model_fields(size: str = "L", patch: int = 1, **overrides) -> ml_collections.ConfigDict:
+  """``config.model``: the :class:`~ifsq_jax.models.dit.DiT` fields (all but ``dtype``)."""
+  fields = dit_lib.dit_config(size, patch, **overrides)
+  fields.pop("dtype", None)
+  return ml_collections.ConfigDict(fields)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The reference's DiT-L/1 REPA run on ImageNet 256 (``configs/dit_l2.py`` builds on it)."""
+  c = config_lib.add_image_data(config_lib.base_config())
+  c.task = "dit"
+  c.seed = 0
+  c.data.image_size = 256
+  c.data.transform = "adm_random_crop"  # the reference's DiT data: ADM random crop, no flip
+  c.data.codes_dir = ""  # train on `python -m ifsq_jax.tools.extract` shards instead of encoding images
+  c.data.code_flip = True  # with codes_dir: each example takes its flipped image's codes with probability 1/2
+  c.tokenizer = ""  # a tokenizer work dir or converted directory (required)
+  c.latent = ml_collections.ConfigDict()
+  c.latent.scale = 0.0  # 0: measure 1 / std of the codes at the start of the run
+  c.latent.scale_batches = 4
+  c.model = model_fields("L", 1)
+  c.repa = ml_collections.ConfigDict()
+  c.repa.target = "dinov2"  # see ifsq_jax.nets.repa.TARGETS
+  c.repa.path = ""  # converted DINOv2 weights for target dinov2
+  c.repa.coef = 0.5
+  c.transport = ml_collections.ConfigDict()
+  c.transport.time_kind = "lognorm"  # "lognorm" | "uniform"
+  c.transport.mu = 0.0
+  c.transport.sigma = 1.0
+  c.transport.shift = 1.0  # training timestep shift (1: none)
+  c.transport.use_cosine_loss = True
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 250
+  c.sample.method = "euler"  # "euler" | "heun"
+  c.sample.mode = "ode"  # "ode" | "sde"
+  c.sample.shift = 0.0  # timestep shift of the sampling grid (0: none)
+  c.sample.cfg_scale = 1.0
+  c.sample.cfg_channels = 0  # 0: guide every channel; 3: the reference's channels 0-2 only
+  c.sample.cfg_interval = (0.0, 1.0)
+  c.sample.batch_size = 64  # global samples per sampler call
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 1000  # samples scored at each evaluation
+  c.eval.inception_path = ""  # converted FID Inception (python -m ifsq_jax.convert inception): adds FID
+  c.eval.fid_reference = ""  # reference statistics .npz for FID (default: the validation crops)
+  c.eval.grid_classes = 8  # rows of the per-class sample grid
+  c.eval.grid_per_class = 8
+  c.train.global_batch_size = 1024
+  c.train.num_steps = 100_000
+  c.train.log_every = 100
+  c.train.eval_every = 10_000
+  c.train.image_every = 10_000
+  c.train.ema_decay = 0.9999
+  c.train.compute_dtype = "bfloat16"
+  c.optimizer.lr = 2e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip_norm = 0.0
+  c.checkpoint.every = 10_000
+  return c
+
+
+def set_repa(c: ml_collections.ConfigDict, target: str, path: str = "") -> None:
+  """Sets the REPA target and the projector width it needs (``model.z_dim``)."""
+  c.repa.target, c.repa.path = target, path
+  c.model.z_dim = repa.target_dim(target, path)
+
+
+def _error(message: str) -> config_lib.ConfigError:
+  return config_lib.ConfigError(message)
+
+
+class DiTTrainer(loop.Trainer):
+  """Flow matching with REPA on the frozen tokenizer's latents."""
+
+  @classmethod
+  def validate(cls, config):
+    config_lib.validate_image_data(config)
+    config_lib.require_choice(config, "repa.target", repa.TARGETS)
+    config_lib.require_choice(config, "transport.time_kind", transport.TIME_KINDS)
+    config_lib.require_choice(config, "sample.method", flow.METHODS)
+    config_lib.require_choice(config, "sample.mode", flow.MODES)
+    m, r = config.model, config.repa
+    if not config.tokenizer:
+      raise _error("config.tokenizer is empty: name a tokenizer work dir or converted directory (for the "
+                   f"quickstart tokenizer: {MAKE_QUICKSTART_TOKENIZER}).")
+    want = repa.target_dim(r.target, r.path)
+    if m.z_dim != want:
+      raise _error(f"config.model.z_dim={m.z_dim} but the REPA target {r.target!r} gives {want}-d features "
+                   f"(0 without REPA); set both with train.dit.set_repa.")
+    if r.target != "none" and not 1 <= m.encoder_depth <= m.depth:
+      raise _error(f"config.model.encoder_depth={m.encoder_depth} must be in [1, depth={m.depth}].")
+    if r.target != "none" and config.data.codes_dir:
+      raise _error("REPA needs the images (its targets are computed from them) but config.data.codes_dir reads "
+                   "codes only; train from images or set config.repa.target='none'.")
+    if config.latent.scale < 0 or config.latent.scale_batches < 1:
+      raise _error(f"config.latent.scale={config.latent.scale} must be >= 0 (0: measure) and "
+                   f"config.latent.scale_batches={config.latent.scale_batches} >= 1.")
+    if config.sample.num_steps < 1 or config.eval.num_samples < 2:
+      raise _error(f"config.sample.num_steps={config.sample.num_steps} must be >= 1 and "
+                   f"config.eval.num_samples={config.eval.num_samples} >= 2.")
+    if config.sample.cfg_channels < 0 or config.sample.cfg_channels > m.in_channels:
+      raise _error(f"config.sample.cfg_channels={config.sample.cfg_channels} must be in [0, {m.in_channels}] "
+                   "(0: every channel).")
+    lo, hi = config.sample.cfg_interval
+    if not 0 <= lo <= hi <= 1:
+      raise _error(f"config.sample.cfg_interval={tuple(config.sample.cfg_interval)} must be (lo, hi) with "
+                   "0 <= lo <= hi <= 1.")
+    if m.input_size % m.patch_size or m.hidden_size % m.num_heads:
+      raise _error(f"config.model: patch_size={m.patch_size} must divide input_size={m.input_size} and "
+                   f"num_heads={m.num_heads} must divide hidden_size={m.hidden_size}.")
+
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh)
+    c = config
+    self.dtype = jnp.bfloat16 if c.train.compute_dtype == "bfloat16" else jnp.float32
+    try:
+      self.tokenizer = load_tokenizer(c.tokenizer, dtype=self.dtype)
+    except (FileNotFoundError, ValueError) as e:
+      hint = f" Make it with: {MAKE_QUICKSTART_TOKENIZER}" if c.tokenizer.rstrip("/") == QUICKSTART_TOKENIZER else ""
+      raise _error(f"config.tokenizer={c.tokenizer!r} cannot be opened: {e}{hint}") from None
+    tc = self.tokenizer.config
+    factor = 2 ** sum(tc.downsample)
+    if c.model.in_channels != tc.embed_dim or c.model.input_size * factor != c.data.image_size:
+      raise _error(f"config.model (in_channels={c.model.in_channels}, input_size={c.model.input_size}) does not "
+                   f"fit the tokenizer's latents of {c.data.image_size}px images: {tc.embed_dim} channels, "
+                   f"{c.data.image_size // factor} x {c.data.image_size // factor}.")
+    self.module = dit_lib.DiT(**c.model.to_dict(), dtype=self.dtype)
+    self.grid = c.model.input_size // c.model.patch_size
+    self.target = repa.load_target(c.repa.target, c.repa.path)
+    logging.info("REPA target: %s", "none (REPA off)" if self.target is None else
+                 f"{self.target.name}, {self.target.dim}-d features on a {self.grid}x{self.grid} grid after block "
+                 f"{c.model.encoder_depth}, coefficient {c.repa.coef}")
+    self.tx = state_lib.make_optimizer(c.optimizer, c.train.num_steps)
+    self.latent_shape = (c.model.input_size, c.model.input_size, c.model.in_channels)
+    self.evaluator = sample_eval.SampleEvaluator(c)
+    self._grid = None  # (step, per-class rows) of the last evaluation's samples
+
+  # ------------------------------------------------------------------ data
+
+  def train_data(self, process_index, process_count):
+    c = self.config
+    if c.data.codes_dir:
+      source = code_shards.CodeShardSource(c.data.codes_dir)
+      if tuple(source.codes_shape) != self.latent_shape:
+        raise _error(f"the codes in {c.data.codes_dir} are {tuple(source.codes_shape)}, the model expects "
+                     f"{self.latent_shape}.")
+      codes = pipeline_lib.code_example(c.data.code_flip, keys=("codes",))
+
+      def example(raw, rng):  # the shards keep codes in float16 (exact for k / (L // 2))
+        out = codes(raw, rng)
+        return {**out, "codes": out["codes"].astype(np.float32)}
+
+      data = pipeline_lib.Pipeline(source, example, c.train.global_batch_size, seed=c.seed,
+                                   process_index=process_index, process_count=process_count)
+    else:
+      data = pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
+                                         process_count=process_count)
+    if data.source.num_classes > c.model.num_classes:
+      raise _error(f"{data.source.name} has {data.source.num_classes} classes but config.model.num_classes="
+                   f"{c.model.num_classes}.")
+    return data
+
+  def batch_shapes(self):
+    c = self.config
+    b = c.train.global_batch_size
+    shapes = {"label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    if c.data.codes_dir:
+      shapes["codes"] = jax.ShapeDtypeStruct((b,) + self.latent_shape, jnp.float32)
+    else:
+      s = c.data.image_size
+      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
+    return shapes
+
+  def frozen(self):
+    out = {"tokenizer": self.tokenizer.variables}
+    if self.target is not None:
+      out["repa"] = self.target.params
+    return out
+
+  def _codes(self, batch, frozen):
+    """The batch's FSQ codes (B, h, w, C) float32, from the images through the frozen tokenizer or as read."""
+    if "codes" in batch:
+      return batch["codes"].astype(jnp.float32)
+    codes = self.tokenizer.model.apply(frozen["tokenizer"], batch["image"], method=lambda m, x: m.encode(x).codes)
+    return jax.lax.stop_gradient(codes.astype(jnp.float32))
+
+  # ----------------------------------------------------------------- state
+
+  def init_state(self, rng):
+    c = self.config
+    k_params, k_drop = jax.random.split(rng)
+    x = jnp.zeros((1,) + self.latent_shape)
+    params = self.module.init({"params": k_params, "dropout": k_drop}, x, jnp.zeros((1,)),
+                              jnp.zeros((1,), jnp.int32))["params"]
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                                ema_params=jax.tree.map(jnp.copy, params),
+                                extra={"latent_scale": jnp.asarray(c.latent.scale, jnp.float32)})
+
+  def prepare(self, state, data, frozen):
+    """Measures the latent scale (1 / std of the codes) on the first training batches, unless it is set."""
+    c = self.config
+    if c.latent.scale > 0:
+      logging.info("Latent scale %.6f (config.latent.scale)", c.latent.scale)
+      return state
+    def moments(batch, frozen):
+      codes = self._codes(batch, frozen)
+      return jnp.stack([jnp.mean(codes), jnp.mean(codes ** 2)])
+
+    moments = jax.jit(moments, out_shardings=parallel.replicated(self.mesh))
+    with parallel.sharding_context(self.mesh, c.mesh.rules):
+      m = np.mean([np.asarray(moments(parallel.global_batch(data.batch(i), self.mesh), frozen))
+                   for i in range(c.latent.scale_batches)], axis=0, dtype=np.float64)
+    std = math.sqrt(max(m[1] - m[0] ** 2, 1e-12))
+    count = c.latent.scale_batches * c.train.global_batch_size
+    logging.info("Latent scale 1 / std = %.6f, measured on the codes of %d training images (mean %.4f)", 1 / std,
+                 count, m[0])
+    if jax.process_index() == 0:
+      self._write_latent_json(1 / std, m[0], std, count)
+    return state.replace(extra={**state.extra, "latent_scale": jnp.asarray(1 / std, jnp.float32)})
+
+  def _write_latent_json(self, scale, mean, std, count):
+    if self.workdir is not None:
+      (self.workdir / "latent.json").write_text(json.dumps(
+          {"latent_scale": scale, "code_mean": mean, "code_std": std, "images": count}, indent=2))
+
+  # ----------------------------------------------------------------- steps
+
+  def loss_and_grads(self, params, batch, rng, frozen, scale):
+    """Loss, gradients and metrics of one (micro-)batch."""
+    c = self.config
+    x1 = self._codes(batch, frozen) * scale
+    target = None
+    if self.target is not None:
+      target = self.target.features(frozen["repa"], batch["image"], self.grid)
+    k_loss, k_drop = jax.random.split(rng)
+
+    def loss_fn(p):
+      def velocity(x, t, y):
+        return self.module.apply({"params": p}, x, t, y, train=True, return_repa=target is not None,
+                                 rngs={"dropout": k_drop})
+
+      return transport.flow_matching_loss(
+          velocity, k_loss, x1, batch["label"], repa_target=target, proj_coef=c.repa.coef,
+          use_cosine_loss=c.transport.use_cosine_loss, time_kind=c.transport.time_kind, mu=c.transport.mu,
+          sigma=c.transport.sigma, shift=c.transport.shift)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return {"loss": loss, "grads": grads, "metrics": terms}
+
+  def train_steps(self):
+    c = self.config
+
+    def step(state, batch, key, frozen):
+      scale = state.extra["latent_scale"]
+      out, _ = state_lib.accumulate(
+          lambda mb, r, carry: (self.loss_and_grads(state.params, mb, r, frozen, scale), carry), batch, key,
+          c.train.grad_accum_steps)
+      loss, grads = out["loss"], out["grads"]
+      norm = optax.tree.norm(grads)
+
+      def update(s):
+        updates, opt = self.tx.update(grads, s.opt_state, s.params)
+        keep = dit_lib.trainable_mask(s.params)  # the fixed sin-cos table never moves (weight decay included)
+        updates = jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, keep)
+        params = optax.apply_updates(s.params, updates)
+        return s.replace(params=params, opt_state=opt,
+                         ema_params=state_lib.ema_update(s.ema_params, params, c.train.ema_decay))
+
+      new, nonfinite = state_lib.apply_if_finite(state, loss, norm, update)
+      return new, {**out["metrics"], "loss": loss, "grad_norm": norm, "latent_scale": scale,
+                   "nonfinite": nonfinite}
+
+    return {"train": step}
+
+  # ------------------------------------------------------------- sampling
+
+  @functools.cached_property
+  def _generate(self):
+    """jit: (EMA params, tokenizer variables, noise (B, h, w, C), labels (B,), scale, key) -> images (B, H, W, 3)."""
+    s = self.config.sample
+    null = self.config.model.num_classes
+
+    def generate(params, tok, noise, labels, scale, key):
+      velocity = lambda x, t, y: self.module.apply({"params": params}, x, t, y)
+      z = flow.sample(velocity, noise, labels, num_steps=s.num_steps, method=s.method, mode=s.mode, shift=s.shift,
+                      cfg_scale=s.cfg_scale, null_label=null, cfg_channels=s.cfg_channels or None,
+                      cfg_interval=tuple(s.cfg_interval), key=key)
+      return self.tokenizer.model.apply(tok, (z / scale).astype(jnp.float32), method=lambda m, c: m.decode(c))
+
+    batch = parallel.batch_sharding(self.mesh, 4)
+    return jax.jit(generate, out_shardings=batch)
+
+  @functools.cached_property
+  def _tokenizer_on_devices(self):
+    return parallel.replicate(self.tokenizer.variables, self.mesh)
+
+  def samples(self, state, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Images (N, H, W, 3) in [-1, 1] (not clipped) from the EMA weights for ``labels`` (N,), on every process.
+
+    The noise of sample i depends on (seed, i) only, so evaluations at different
+    steps start from the same noise.
+    """
+    c = self.config
+    n = len(labels)
+    per_call = _round_up(min(c.sample.batch_size, n), _batch_devices(self.mesh))
+    frozen_tok = self._tokenizer_on_devices
+    out = []
+    for start in range(0, n, per_call):
+      idx = np.arange(start, start + per_call)
+      y = np.asarray(labels)[np.minimum(idx, n - 1)].astype(np.int32)
+      noise = np.stack([np.random.default_rng([seed, int(i)]).standard_normal(self.latent_shape, np.float32)
+                        for i in idx])
+      key = jax.random.fold_in(jax.random.key(seed), start)
+      with parallel.sharding_context(self.mesh, c.mesh.rules):
+        images = self._generate(state.ema_params, frozen_tok, _global(noise, self.mesh), _global(y, self.mesh),
+                                state.extra["latent_scale"], key)
+      out.append(_to_host(images)[:max(0, min(per_call, n - start))])
+    return np.concatenate(out)
+
+  def evaluate(self, state, step):
+    """``fd_vgg16`` (and FID with Inception weights) of ``eval.num_samples`` class-balanced EMA samples."""
+    c = self.config
+    labels = np.arange(c.eval.num_samples) % c.model.num_classes
+    images = self.samples(state, labels, seed=c.seed + 1)
+    classes, per = self._grid_shape()
+    if len(images) >= (per - 1) * c.model.num_classes + classes:  # sample i has class i % num_classes
+      rows = [images[k::c.model.num_classes][:per] for k in range(classes)]
+      self._grid = (step, np.clip(np.stack(rows), -1, 1))
+    return self.evaluator.score(images)
+
+  def image_rows(self, state):
+    """One row of samples per class (the first ``eval.grid_classes`` classes); an evaluation's when it has them."""
+    c = self.config
+    step = int(jax.device_get(state.step))
+    if self._grid is not None and self._grid[0] == step:
+      return list(self._grid[1])
+    classes, per = self._grid_shape()
+    labels = np.repeat(np.arange(classes), per)
+    images = np.clip(self.samples(state, labels, seed=c.seed + 2), -1, 1)
+    return list(images.reshape((classes, per) + images.shape[1:]))
+
+  def _grid_shape(self) -> tuple[int, int]:
+    c = self.config
+    return min(c.eval.grid_classes, c.model.num_classes), c.eval.grid_per_class
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def _batch_devices(mesh) -> int:
+  return math.prod(mesh.shape[a] for a in parallel.BATCH_AXES)
+
+
+def _global(x: np.ndarray, mesh) -> jax.Array:
+  """A batch-sharded global array from the full host array (the same on every process)."""
+  sharding = parallel.batch_sharding(mesh, x.ndim)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
+  return loop.run(DiTTrainer, config, workdir, schema=default_config(), devices=devices)
+
+
+TRAINER = DiTTrainer
