@@ -1,14 +1,17 @@
 """``load_model``: a trained generator and its params in one call.
 
-Opens a directory written by ``python -m ifsq_jax.convert dit`` (an official DiT
-checkpoint) or a DiT training work dir (its ``config.json`` has ``task: "dit"``
-and the :class:`~ifsq_jax.models.dit.DiT` fields under ``model``; its Orbax
-checkpoints hold ``params`` and ``ema_params``).
+Opens a directory written by ``python -m ifsq_jax.convert dit`` or ``... llamagen``
+(an official checkpoint), or a training work dir of either generator (its
+``config.json`` has ``task: "dit"`` or ``task: "llamagen"`` and the model's fields
+under ``model``; its Orbax checkpoints hold ``params`` and ``ema_params``).
 
 Usage::
 
   module, params = ifsq_jax.load_model("out/dit")
   v = module.apply({"params": params}, x, t, y)   # x (B, H, W, C), t (B,), y (B,)
+
+  module, params = ifsq_jax.load_model("out/llamagen")
+  logits = module.apply({"params": params}, tokens, labels)   # tokens (B, N), labels (B,)
 """
 
 from __future__ import annotations
@@ -22,19 +25,34 @@ import jax.numpy as jnp
 from etils import epath
 
 from ifsq_jax.convert import dit as dit_convert
+from ifsq_jax.convert import llamagen as llamagen_convert
 from ifsq_jax.models.dit import DiT
+from ifsq_jax.models.llamagen import LlamaGen
+
+# task (work dirs) or kind (converted dirs) -> (module class, converter module).
+MODELS = {"dit": (DiT, dit_convert), "llamagen": (LlamaGen, llamagen_convert)}
 
 
-def _module(fields: dict[str, Any], dtype: Any, where: str) -> DiT:
-  names = {f.name for f in dataclasses.fields(DiT)} - {"parent", "name", "dtype"}
+def _module(cls: type[DiT] | type[LlamaGen], fields: dict[str, Any], dtype: Any, where: str) -> DiT | LlamaGen:
+  names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
   unknown = sorted(set(fields) - names)
   if unknown:
-    raise ValueError(f"{where}: the model config has fields {unknown} that DiT lacks; its fields are {sorted(names)}.")
-  return DiT(**fields, dtype=dtype)
+    raise ValueError(f"{where}: the model config has fields {unknown} that {cls.__name__} lacks; its fields are "
+                     f"{sorted(names)}.")
+  # JSON gives lists; modules are static jit arguments, so their fields must hash.
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  return cls(**fields, dtype=dtype)
 
 
-def load_model(path: str, ema: bool = True, dtype: Any = jnp.float32) -> tuple[DiT, dict[str, Any]]:
-  """(module, params) of a converted DiT directory, or of a DiT work dir, its ``checkpoints`` dir or one step dir.
+def _converted_kind(root: epath.Path) -> str:
+  """The ``kind`` of a converted directory; DiT's loader reports a missing or foreign one."""
+  config = root / "config.json"
+  kind = json.loads(config.read_text()).get("kind") if config.exists() else None
+  return kind if kind in MODELS else "dit"
+
+
+def load_model(path: str, ema: bool = True, dtype: Any = jnp.float32) -> tuple[DiT | LlamaGen, dict[str, Any]]:
+  """(module, params) of a converted DiT / LlamaGen directory, or of a work dir, its ``checkpoints`` dir or a step dir.
 
   From a work dir: the newest readable checkpoint (an unreadable newer one is
   skipped with a warning), its EMA weights by default (``ema=False``: the trained
@@ -47,29 +65,32 @@ def load_model(path: str, ema: bool = True, dtype: Any = jnp.float32) -> tuple[D
     dtype: Compute dtype of the returned module (params are float32 either way).
 
   Raises:
-    FileNotFoundError: ``path`` holds neither a converted DiT nor a work dir.
-    ValueError: a work dir of another task, or a model config with fields DiT lacks.
+    FileNotFoundError: ``path`` holds neither a converted generator nor a work dir.
+    ValueError: a work dir of another task, or a model config with fields the model lacks.
   """
   root = epath.Path(path)
   if dit_convert.exists(str(root)):
-    fields, params = dit_convert.load(str(root))
-    return _module(fields, dtype, str(root)), params
+    cls, convert = MODELS[_converted_kind(root)]
+    fields, params = convert.load(str(root))
+    return _module(cls, fields, dtype, str(root)), params
   workdir = next((d for d in (root, root.parent, root.parent.parent) if (d / "config.json").exists()), None)
   if workdir is None:
-    raise FileNotFoundError(f"{path} is neither a DiT work dir (config.json + checkpoints/), a checkpoint of one, nor "
-                            "a converted DiT directory (params.safetensors + config.json written by "
-                            "python -m ifsq_jax.convert dit).")
+    raise FileNotFoundError(f"{path} is neither a DiT work dir nor a LlamaGen one (config.json + checkpoints/), a "
+                            "checkpoint of one, nor a converted directory (params.safetensors + config.json written "
+                            "by python -m ifsq_jax.convert dit or llamagen).")
   run_config = json.loads((workdir / "config.json").read_text())
   task = run_config.get("task")
-  if task != "dit":
+  if task not in MODELS:
     hint = " Open tokenizers with ifsq_jax.load_tokenizer." if task == "tokenizer" else ""
-    raise ValueError(f"{workdir} holds a {task!r} run; load_model opens DiT runs (task 'dit').{hint}")
+    raise ValueError(f"{workdir} holds a {task!r} run; load_model opens generator runs (task {' or '.join(MODELS)})."
+                     f"{hint}")
   # Imported here: Orbax is needed only for work dirs.
   from ifsq_jax import checkpoint  # pylint: disable=g-import-not-at-top
   field = "ema_params" if ema else "params"
   step, restored = checkpoint.restore_fields(root, {field: None})
   # The config saved with the step: config.json is rewritten by any later run in the work dir.
   config = checkpoint.read_saved_config(checkpoint.step_directory(root, step)) or run_config
+  cls = MODELS[task][0]
   if not isinstance(config.get("model"), dict):
-    raise ValueError(f"{workdir}: the run config has no 'model' group with the DiT fields.")
-  return _module(config["model"], dtype, str(workdir)), jax.device_get(restored[field])
+    raise ValueError(f"{workdir}: the run config has no 'model' group with the {cls.__name__} fields.")
+  return _module(cls, config["model"], dtype, str(workdir)), jax.device_get(restored[field])
