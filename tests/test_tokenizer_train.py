@@ -276,3 +276,18 @@ def test_eight_bit_variant_builds_with_index_groups():
   assert out.indices.shape == (1, 8, 8, 2) and out.indices.dtype == jnp.int32
   with pytest.raises(config_lib.ConfigError, match="unknown config variant 'bitz'"):
     recipe.get_config("bitz=3")
+
+
+def test_unweighted_lpips_is_not_run():
+  """perceptual_weight 0 (the quickstart) trains L1 alone, and the step program holds no LPIPS network."""
+  trainer = _one_device_trainer(tiny_config(**{"loss.perceptual_weight": 0.0}))
+  state = _init(trainer)
+  x = jnp.asarray(trainer._eval_data.batch(0)["image"])
+  lpips = trainer.frozen()["lpips"]
+  fn = lambda p: trainer.generator_loss_and_grads(p, {"image": x}, jax.random.key(1), state, False, lpips)
+  _, _, metrics, _ = jax.jit(fn)(state.params["gen"])
+  assert float(metrics["lpips"]) == 0.0 and float(metrics["nll"]) == float(metrics["rec_loss"])
+  convs = str(jax.make_jaxpr(fn)(state.params["gen"])).count("conv_general_dilated")
+  with_lpips = _one_device_trainer(tiny_config())
+  fn1 = lambda p: with_lpips.generator_loss_and_grads(p, {"image": x}, jax.random.key(1), state, False, lpips)
+  assert str(jax.make_jaxpr(fn1)(state.params["gen"])).count("conv_general_dilated") > convs + 13

@@ -250,6 +250,8 @@ class TokenizerTrainer(loop.Trainer):
 
     def nll_fn(r):
       rec = objective.reconstruction_loss(x, r, l.rec_type)
+      if not l.perceptual_weight:  # LPIPS-VGG costs more than a small tokenizer: not run when unweighted
+        return rec, (rec, jnp.zeros((), jnp.float32))
       perceptual = jnp.mean(self.lpips.apply(lpips_params, x, r))
       return rec + l.perceptual_weight * perceptual, (rec, perceptual)
 
