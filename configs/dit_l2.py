@@ -76,14 +76,14 @@ def _quickstart(c):
   c.model.projector_dim = 256
   c.train.compute_dtype = "float32"
   c.train.global_batch_size = 32
-  c.train.num_steps = 1000
+  c.train.num_steps = 500
   c.train.log_every = 50
-  c.train.eval_every = c.train.image_every = c.checkpoint.every = 1000
+  c.train.eval_every = c.train.image_every = c.checkpoint.every = 500
   c.train.eval_at_start = True
   c.train.ema_decay = 0.99
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 50
-  c.sample.num_steps = 50
+  c.sample.num_steps = 25
   c.eval.num_samples = 90  # 10 per photo; the grid takes 8 of each
   c.eval.grid_classes = 9
   dit.set_repa(c, "vgg16")

@@ -1,6 +1,7 @@
 """The DiT trainer: latents from the frozen tokenizer, the measured latent scale, REPA, evaluation, resume, load_model."""
 
 import dataclasses
+import importlib.util
 import json
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import apply_overrides
+from conftest import REPO, apply_overrides
 
 import ifsq_jax
 from ifsq_jax import config_lib, parallel
@@ -114,6 +115,7 @@ def test_dit_trains_from_extracted_codes_with_flips(tokenizer_dir, tmp_path):
   dit.set_repa(c, "none")
   state = dit.train_and_evaluate(c, str(tmp_path / "run"))
   assert float(state.extra["latent_scale"]) == 1.25
+  assert json.loads((tmp_path / "run" / "latent.json").read_text())["latent_scale"] == 1.25
   losses = [r["loss"] for r in read_lines(tmp_path / "run") if "loss" in r]
   assert len(losses) == 2 and np.all(np.isfinite(losses))
 
@@ -151,8 +153,12 @@ def test_dit_step_on_eight_devices_equals_one(tokenizer_dir):
     ({"repa.target": "dino"}, "repa.target='dino'"),
     ({"data.codes_dir": "somewhere"}, "REPA needs the images"),
     ({"sample.cfg_channels": 5}, "cfg_channels=5"),
+    ({"repa.target": "dinov2", "model.z_dim": 768}, "repa.path is empty.*convert dinov2"),
+    ({"repa.target": "dinov2", "repa.path": "nowhere"}, "repa.path='nowhere'.*no converted DINOv2.*convert dinov2"),
     ({"sample.method": "rk4"}, "sample.method='rk4'"),
     ({"model.encoder_depth": 3}, "encoder_depth=3"),
+    ({"model.attention_impl": "flash"}, "attention_impl='flash'"),
+    ({"model.remat_policy": "some"}, "remat_policy='some'"),
 ])
 def test_dit_config_errors_name_the_key(tokenizer_dir, overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match):
@@ -170,3 +176,45 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tokenizer_dir):
   c = tiny_config(tokenizer_dir, **{"model.input_size": 16})
   with pytest.raises(config_lib.ConfigError, match="input_size=16.*8 x 8"):
     dit.DiTTrainer(c, parallel.make_mesh())
+
+
+@pytest.fixture(scope="module")
+def f16_tokenizer_dir(tmp_path_factory):
+  """A narrow random tokenizer with the paper's geometry: 256 px -> 16 x 16 x 4 codes."""
+  path = tmp_path_factory.mktemp("tok16")
+  cfg = TokenizerConfig(hidden_size=32, hidden_size_mult=(1, 1, 1, 1, 1), num_res_blocks=1,
+                        downsample=(True, True, True, True, False), upsample=(False, True, True, True, True),
+                        resolution=256, levels=(17, 17, 17, 17))
+  params = jax.eval_shape(lambda: Tokenizer(cfg).init(jax.random.key(0), jnp.zeros((1, 256, 256, 3))))["params"]
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nn.meta.unbox(params))
+  torch_io.save_converted(str(path), params, {"kind": "tokenizer", "model": dataclasses.asdict(cfg)})
+  return str(path)
+
+
+# Patch 2: patch embedding and output layer x4 in the patch's 4 -> 16 values, position table for 64 tokens.
+@pytest.mark.parametrize("variant,params,tokens", [("", 465_967_844, 256),
+                                                     ("patch=2", 465_967_844 + 2 * 12 * 1024 + 12 - 192 * 1024, 64),
+                                                     ("model=S,repa=none", None, 256)])
+def test_paper_config_builds_dit_l1_with_the_reference_parameter_count(f16_tokenizer_dir, variant, params, tokens,
+                                                                        monkeypatch):
+  # No DINOv2 weights offline: a stand-in target of DINOv2-B's width (only the projector's shape depends on it).
+  monkeypatch.setattr(dit.repa, "load_target", lambda name, path="": None if name == "none" else
+                      dit.repa.RepaTarget(name, 768, {}, lambda p, x, g: jnp.zeros((x.shape[0], g * g, 768))))
+  monkeypatch.setattr(dit.repa, "target_dim", lambda name, path="": 0 if name == "none" else 768)
+  spec = importlib.util.spec_from_file_location("dit_l2", REPO / "configs" / "dit_l2.py")
+  dit_l2 = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(dit_l2)
+  c = dit_l2.get_config(variant)
+  c.tokenizer = f16_tokenizer_dir
+  if c.repa.target == "dinov2":
+    c.repa.path = "weights/dinov2_b14"
+  loop.validate(dit.DiTTrainer, c, dit.default_config(), 8)
+  trainer = dit.DiTTrainer(c, parallel.make_mesh())
+  _, abstract = loop.abstract_state(trainer, jax.random.key(0), trainer.mesh, c.mesh.rules)
+  assert trainer.grid ** 2 == tokens
+  count = sum(x.size for x in jax.tree.leaves(abstract.params))
+  if params is not None:
+    assert count == params
+  else:
+    assert c.model.hidden_size == 384 and c.model.z_dim == 0 and "projector" not in abstract.params
+  assert (c.train.global_batch_size, c.optimizer.lr, c.optimizer.b2, c.train.ema_decay) == (1024, 2e-4, 0.95, 0.9999)

@@ -146,6 +146,10 @@ def target_dim(name: str, path: str = "") -> int:
   if name == "dinov2":
     if not path:
       return 768  # DINOv2-B/14, the paper's target
-    with open(os.path.join(path, "config.json")) as f:
+    config = os.path.join(path, "config.json")
+    if not os.path.exists(config):
+      raise ValueError(f"{path} holds no converted DINOv2 weights (config.json + params.safetensors); make them "
+                       f"with `python -m ifsq_jax.convert dinov2 --checkpoint dinov2_vitb14.pth --out {path}`.")
+    with open(config) as f:
       return int(json.load(f)["width"])
   raise ValueError(f"REPA target {name!r} is not valid; use one of {TARGETS}.")

@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.transform = "adm_random_crop"  # the reference's DiT data: ADM random crop, no flip
   c.data.codes_dir = ""  # train on `python -m ifsq_jax.tools.extract` shards instead of encoding images
   c.data.code_flip = True  # with codes_dir: each example takes its flipped image's codes with probability 1/2
+  c.data.eval_examples = 10_000  # validation crops the samples are compared with
   c.tokenizer = ""  # a tokenizer work dir or converted directory (required)
   c.latent = ml_collections.ConfigDict()
   c.latent.scale = 0.0  # 0: measure 1 / std of the codes at the start of the run
@@ -89,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample.cfg_interval = (0.0, 1.0)
   c.sample.batch_size = 64  # global samples per sampler call
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_samples = 1000  # samples scored at each evaluation
+  c.eval.num_samples = 10_000  # samples scored at each in-training evaluation
   c.eval.inception_path = ""  # converted FID Inception (python -m ifsq_jax.convert inception): adds FID
   c.eval.fid_reference = ""  # reference statistics .npz for FID (default: the validation crops)
   c.eval.grid_classes = 8  # rows of the per-class sample grid
@@ -130,11 +131,20 @@ class DiTTrainer(loop.Trainer):
     config_lib.require_choice(config, "transport.time_kind", transport.TIME_KINDS)
     config_lib.require_choice(config, "sample.method", flow.METHODS)
     config_lib.require_choice(config, "sample.mode", flow.MODES)
+    config_lib.require_choice(config, "model.attention_impl", tuple(dit_lib.ATTENTION_IMPLS))
+    config_lib.require_choice(config, "model.remat_policy", dit_lib.REMAT_POLICIES)
     m, r = config.model, config.repa
     if not config.tokenizer:
       raise _error("config.tokenizer is empty: name a tokenizer work dir or converted directory (for the "
                    f"quickstart tokenizer: {MAKE_QUICKSTART_TOKENIZER}).")
-    want = repa.target_dim(r.target, r.path)
+    if r.target == "dinov2" and not r.path:
+      raise _error("config.repa.path is empty: the dinov2 REPA target needs converted DINOv2 weights "
+                   "(python -m ifsq_jax.convert dinov2 --checkpoint dinov2_vitb14.pth --out DIR); "
+                   "config.repa.target='vgg16' ships with the package, 'none' turns REPA off.")
+    try:
+      want = repa.target_dim(r.target, r.path)
+    except ValueError as e:
+      raise _error(f"config.repa.path={r.path!r}: {e}") from None
     if m.z_dim != want:
       raise _error(f"config.model.z_dim={m.z_dim} but the REPA target {r.target!r} gives {want}-d features "
                    f"(0 without REPA); set both with train.dit.set_repa.")
@@ -252,6 +262,8 @@ class DiTTrainer(loop.Trainer):
     c = self.config
     if c.latent.scale > 0:
       logging.info("Latent scale %.6f (config.latent.scale)", c.latent.scale)
+      if jax.process_index() == 0:
+        self._write_latent_json(c.latent.scale, None, None, 0)
       return state
     def moments(batch, frozen):
       codes = self._codes(batch, frozen)
