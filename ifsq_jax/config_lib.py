@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.0
-  c.optimizer.decay_mask = "all"  # "all" parameters, or only "matrices" (ndim >= 2)
+  c.optimizer.decay_mask = "all"  # "all" parameters, or "matrices" (rank >= 2, not norm scales or biases)
   c.optimizer.grad_clip_norm = 1.0  # 0: no clipping
   c.optimizer.schedule = "constant"
   c.optimizer.warmup_steps = 0

@@ -65,7 +65,7 @@ def test_batch_must_divide_over_processes():
 
 
 def test_unknown_task_lists_the_known_ones():
-  with pytest.raises(config_lib.ConfigError, match=r"config.task='tokenzer' is not a known task; use one of \['dit', 'tokenizer', 'toy'\]"):
+  with pytest.raises(config_lib.ConfigError, match=r"config.task='tokenzer' is not a known task; use one of \['dit', 'llamagen', 'tokenizer', 'toy'\]"):
     registry.get("tokenzer")
 
 

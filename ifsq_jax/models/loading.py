@@ -51,6 +51,11 @@ def _converted_kind(root: epath.Path) -> str:
   return kind if kind in MODELS else "dit"
 
 
+def is_converted(path: str) -> bool:
+  """Whether ``path`` is a directory written by ``python -m ifsq_jax.convert dit`` or ``llamagen``."""
+  return dit_convert.exists(path)
+
+
 def load_model(path: str, ema: bool = True, dtype: Any = jnp.float32) -> tuple[DiT | LlamaGen, dict[str, Any]]:
   """(module, params) of a converted DiT / LlamaGen directory, or of a work dir, its ``checkpoints`` dir or a step dir.
 

@@ -141,11 +141,9 @@ def _unrolled(module: LlamaGen, params: Any) -> tuple[LlamaGen, Any]:
   return module.clone(scan_layers=False), out
 
 
-def _validate(module, labels, cfg_scale, cfg_interval, temperature, top_k, top_p, null_label) -> None:
-  if not isinstance(module, LlamaGen):
-    raise ValueError(f"module is a {type(module).__name__}; generate samples a LlamaGen.")
-  if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels have shape {labels.shape} and dtype {labels.dtype}; pass (B,) integer class labels.")
+def validate_options(*, cfg_scale: float, cfg_interval: tuple[float, float], temperature: float, top_k: int,
+                     top_p: float) -> None:
+  """Raises ValueError naming a sampling option outside its valid range (see :func:`generate`)."""
   if cfg_scale < 0:
     raise ValueError(f"cfg_scale={cfg_scale} must be >= 0 (1 = no guidance).")
   if len(cfg_interval) != 2 or not 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0:
@@ -157,6 +155,14 @@ def _validate(module, labels, cfg_scale, cfg_interval, temperature, top_k, top_p
     raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 = no top-k, 1 = greedy).")
   if not 0.0 <= top_p <= 1.0:
     raise ValueError(f"top_p={top_p} must be in [0, 1] (1 = no nucleus filtering).")
+
+
+def _validate(module, labels, cfg_scale, cfg_interval, temperature, top_k, top_p, null_label) -> None:
+  if not isinstance(module, LlamaGen):
+    raise ValueError(f"module is a {type(module).__name__}; generate samples a LlamaGen.")
+  if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels have shape {labels.shape} and dtype {labels.dtype}; pass (B,) integer class labels.")
+  validate_options(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
   if null_label is not None and not 0 <= null_label <= module.num_classes:
     raise ValueError(f"null_label={null_label} must be in [0, {module.num_classes}] (the null class is "
                      f"{module.num_classes}).")

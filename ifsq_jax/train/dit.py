@@ -37,15 +37,14 @@ from ifsq_jax import config_lib, parallel
 from ifsq_jax.data import code_shards
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.models import dit as dit_lib
-from ifsq_jax.models.pretrained import load_tokenizer
 from ifsq_jax.nets import repa
 from ifsq_jax.objectives import transport
 from ifsq_jax.sampling import flow
-from ifsq_jax.train import loop, sample_eval
+from ifsq_jax.train import generator, loop
 from ifsq_jax.train import state as state_lib
 
-QUICKSTART_TOKENIZER = "out/quickstart"
-MAKE_QUICKSTART_TOKENIZER = "python -m ifsq_jax.main --config=configs/quickstart.py --workdir=out/quickstart"
+QUICKSTART_TOKENIZER = generator.QUICKSTART_TOKENIZER
+set_repa = generator.set_repa
 
 
 def model_fields(size: str = "L", patch: int = 1, **overrides) -> ml_collections.ConfigDict:
@@ -57,7 +56,7 @@ def model_fields(size: str = "L", patch: int = 1, **overrides) -> ml_collections
 
 def default_config() -> ml_collections.ConfigDict:
   """The reference's DiT-L/1 REPA run on ImageNet 256 (``configs/dit_l2.py`` builds on it)."""
-  c = config_lib.add_image_data(config_lib.base_config())
+  c = generator.add_generator_fields(config_lib.add_image_data(config_lib.base_config()))
   c.task = "dit"
   c.seed = 0
   c.data.image_size = 256
@@ -65,22 +64,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.codes_dir = ""  # train on `python -m ifsq_jax.tools.extract` shards instead of encoding images
   c.data.code_flip = True  # with codes_dir: each example takes its flipped image's codes with probability 1/2
   c.data.eval_examples = 10_000  # validation crops the samples are compared with
-  c.tokenizer = ""  # a tokenizer work dir or converted directory (required)
   c.latent = ml_collections.ConfigDict()
   c.latent.scale = 0.0  # 0: measure 1 / std of the codes at the start of the run
   c.latent.scale_batches = 4
   c.model = model_fields("L", 1)
-  c.repa = ml_collections.ConfigDict()
-  c.repa.target = "dinov2"  # see ifsq_jax.nets.repa.TARGETS
-  c.repa.path = ""  # converted DINOv2 weights for target dinov2
-  c.repa.coef = 0.5
   c.transport = ml_collections.ConfigDict()
   c.transport.time_kind = "lognorm"  # "lognorm" | "uniform"
   c.transport.mu = 0.0
   c.transport.sigma = 1.0
   c.transport.shift = 1.0  # training timestep shift (1: none)
   c.transport.use_cosine_loss = True
-  c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 250
   c.sample.method = "euler"  # "euler" | "heun"
   c.sample.mode = "ode"  # "ode" | "sde"
@@ -88,13 +81,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample.cfg_scale = 1.0
   c.sample.cfg_channels = 0  # 0: guide every channel; 3: the reference's channels 0-2 only
   c.sample.cfg_interval = (0.0, 1.0)
-  c.sample.batch_size = 64  # global samples per sampler call
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_samples = 10_000  # samples scored at each in-training evaluation
-  c.eval.inception_path = ""  # converted FID Inception (python -m ifsq_jax.convert inception): adds FID
-  c.eval.fid_reference = ""  # reference statistics .npz for FID (default: the validation crops)
-  c.eval.grid_classes = 8  # rows of the per-class sample grid
-  c.eval.grid_per_class = 8
   c.train.global_batch_size = 1024
   c.train.num_steps = 100_000
   c.train.log_every = 100
@@ -111,54 +97,27 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def set_repa(c: ml_collections.ConfigDict, target: str, path: str = "") -> None:
-  """Sets the REPA target and the projector width it needs (``model.z_dim``)."""
-  c.repa.target, c.repa.path = target, path
-  c.model.z_dim = repa.target_dim(target, path)
-
-
 def _error(message: str) -> config_lib.ConfigError:
   return config_lib.ConfigError(message)
 
 
-class DiTTrainer(loop.Trainer):
+class DiTTrainer(generator.GeneratorTrainer):
   """Flow matching with REPA on the frozen tokenizer's latents."""
 
   @classmethod
   def validate(cls, config):
-    config_lib.validate_image_data(config)
-    config_lib.require_choice(config, "repa.target", repa.TARGETS)
+    generator.validate_generator(config, config.model.depth)
     config_lib.require_choice(config, "transport.time_kind", transport.TIME_KINDS)
     config_lib.require_choice(config, "sample.method", flow.METHODS)
     config_lib.require_choice(config, "sample.mode", flow.MODES)
     config_lib.require_choice(config, "model.attention_impl", tuple(dit_lib.ATTENTION_IMPLS))
     config_lib.require_choice(config, "model.remat_policy", dit_lib.REMAT_POLICIES)
-    m, r = config.model, config.repa
-    if not config.tokenizer:
-      raise _error("config.tokenizer is empty: name a tokenizer work dir or converted directory (for the "
-                   f"quickstart tokenizer: {MAKE_QUICKSTART_TOKENIZER}).")
-    if r.target == "dinov2" and not r.path:
-      raise _error("config.repa.path is empty: the dinov2 REPA target needs converted DINOv2 weights "
-                   "(python -m ifsq_jax.convert dinov2 --checkpoint dinov2_vitb14.pth --out DIR); "
-                   "config.repa.target='vgg16' ships with the package, 'none' turns REPA off.")
-    try:
-      want = repa.target_dim(r.target, r.path)
-    except ValueError as e:
-      raise _error(f"config.repa.path={r.path!r}: {e}") from None
-    if m.z_dim != want:
-      raise _error(f"config.model.z_dim={m.z_dim} but the REPA target {r.target!r} gives {want}-d features "
-                   f"(0 without REPA); set both with train.dit.set_repa.")
-    if r.target != "none" and not 1 <= m.encoder_depth <= m.depth:
-      raise _error(f"config.model.encoder_depth={m.encoder_depth} must be in [1, depth={m.depth}].")
-    if r.target != "none" and config.data.codes_dir:
-      raise _error("REPA needs the images (its targets are computed from them) but config.data.codes_dir reads "
-                   "codes only; train from images or set config.repa.target='none'.")
+    m = config.model
     if config.latent.scale < 0 or config.latent.scale_batches < 1:
       raise _error(f"config.latent.scale={config.latent.scale} must be >= 0 (0: measure) and "
                    f"config.latent.scale_batches={config.latent.scale_batches} >= 1.")
-    if config.sample.num_steps < 1 or config.eval.num_samples < 2:
-      raise _error(f"config.sample.num_steps={config.sample.num_steps} must be >= 1 and "
-                   f"config.eval.num_samples={config.eval.num_samples} >= 2.")
+    if config.sample.num_steps < 1:
+      raise _error(f"config.sample.num_steps={config.sample.num_steps} must be >= 1.")
     if config.sample.cfg_channels < 0 or config.sample.cfg_channels > m.in_channels:
       raise _error(f"config.sample.cfg_channels={config.sample.cfg_channels} must be in [0, {m.in_channels}] "
                    "(0: every channel).")
@@ -174,13 +133,10 @@ class DiTTrainer(loop.Trainer):
     super().__init__(config, mesh)
     c = config
     self.dtype = jnp.bfloat16 if c.train.compute_dtype == "bfloat16" else jnp.float32
-    try:
-      self.tokenizer = load_tokenizer(c.tokenizer, dtype=self.dtype)
-    except (FileNotFoundError, ValueError) as e:
-      hint = f" Make it with: {MAKE_QUICKSTART_TOKENIZER}" if c.tokenizer.rstrip("/") == QUICKSTART_TOKENIZER else ""
-      raise _error(f"config.tokenizer={c.tokenizer!r} cannot be opened: {e}{hint}") from None
+    self.tokenizer = generator.open_tokenizer(c, self.dtype)
+    self.num_classes = c.model.num_classes
     tc = self.tokenizer.config
-    factor = 2 ** sum(tc.downsample)
+    factor = tc.downsample_factor
     if c.model.in_channels != tc.embed_dim or c.model.input_size * factor != c.data.image_size:
       raise _error(f"config.model (in_channels={c.model.in_channels}, input_size={c.model.input_size}) does not "
                    f"fit the tokenizer's latents of {c.data.image_size}px images: {tc.embed_dim} channels, "
@@ -188,13 +144,9 @@ class DiTTrainer(loop.Trainer):
     self.module = dit_lib.DiT(**c.model.to_dict(), dtype=self.dtype)
     self.grid = c.model.input_size // c.model.patch_size
     self.target = repa.load_target(c.repa.target, c.repa.path)
-    logging.info("REPA target: %s", "none (REPA off)" if self.target is None else
-                 f"{self.target.name}, {self.target.dim}-d features on a {self.grid}x{self.grid} grid after block "
-                 f"{c.model.encoder_depth}, coefficient {c.repa.coef}")
+    generator.log_repa(self.target, self.grid, c.model.encoder_depth, c.repa.coef)
     self.tx = state_lib.make_optimizer(c.optimizer, c.train.num_steps)
     self.latent_shape = (c.model.input_size, c.model.input_size, c.model.in_channels)
-    self.evaluator = sample_eval.SampleEvaluator(c)
-    self._grid = None  # (step, per-class rows) of the last evaluation's samples
 
   # ------------------------------------------------------------------ data
 
@@ -242,8 +194,7 @@ class DiTTrainer(loop.Trainer):
     """The batch's FSQ codes (B, h, w, C) float32, from the images through the frozen tokenizer or as read."""
     if "codes" in batch:
       return batch["codes"].astype(jnp.float32)
-    codes = self.tokenizer.model.apply(frozen["tokenizer"], batch["image"], method=lambda m, x: m.encode(x).codes)
-    return jax.lax.stop_gradient(codes.astype(jnp.float32))
+    return generator.tokenizer_codes(self.tokenizer, frozen["tokenizer"], batch["image"])
 
   # ----------------------------------------------------------------- state
 
@@ -256,6 +207,10 @@ class DiTTrainer(loop.Trainer):
     return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                                 ema_params=jax.tree.map(jnp.copy, params),
                                 extra={"latent_scale": jnp.asarray(c.latent.scale, jnp.float32)})
+
+  def init_from(self, state, path):
+    """Params and EMA from a converted DiT (``python -m ifsq_jax.convert dit``) or a DiT checkpoint."""
+    return generator.init_from_converted(self, state, path, "dit", super().init_from)
 
   def prepare(self, state, data, frozen):
     """Measures the latent scale (1 / std of the codes) on the first training batches, unless it is set."""
@@ -353,79 +308,14 @@ class DiTTrainer(loop.Trainer):
     batch = parallel.batch_sharding(self.mesh, 4)
     return jax.jit(generate, out_shardings=batch)
 
-  @functools.cached_property
-  def _tokenizer_on_devices(self):
-    return parallel.replicate(self.tokenizer.variables, self.mesh)
-
-  def samples(self, state, labels: np.ndarray, seed: int) -> np.ndarray:
-    """Images (N, H, W, 3) in [-1, 1] (not clipped) from the EMA weights for ``labels`` (N,), on every process.
-
-    The noise of sample i depends on (seed, i) only, so evaluations at different
-    steps start from the same noise.
-    """
-    c = self.config
-    n = len(labels)
-    per_call = _round_up(min(c.sample.batch_size, n), _batch_devices(self.mesh))
-    frozen_tok = self._tokenizer_on_devices
-    out = []
-    for start in range(0, n, per_call):
-      idx = np.arange(start, start + per_call)
-      y = np.asarray(labels)[np.minimum(idx, n - 1)].astype(np.int32)
-      noise = np.stack([np.random.default_rng([seed, int(i)]).standard_normal(self.latent_shape, np.float32)
-                        for i in idx])
-      key = jax.random.fold_in(jax.random.key(seed), start)
-      with parallel.sharding_context(self.mesh, c.mesh.rules):
-        images = self._generate(state.ema_params, frozen_tok, _global(noise, self.mesh), _global(y, self.mesh),
-                                state.extra["latent_scale"], key)
-      out.append(_to_host(images)[:max(0, min(per_call, n - start))])
-    return np.concatenate(out)
-
-  def evaluate(self, state, step):
-    """``fd_vgg16`` (and FID with Inception weights) of ``eval.num_samples`` class-balanced EMA samples."""
-    c = self.config
-    labels = np.arange(c.eval.num_samples) % c.model.num_classes
-    images = self.samples(state, labels, seed=c.seed + 1)
-    classes, per = self._grid_shape()
-    if len(images) >= (per - 1) * c.model.num_classes + classes:  # sample i has class i % num_classes
-      rows = [images[k::c.model.num_classes][:per] for k in range(classes)]
-      self._grid = (step, np.clip(np.stack(rows), -1, 1))
-    return self.evaluator.score(images)
-
-  def image_rows(self, state):
-    """One row of samples per class (the first ``eval.grid_classes`` classes); an evaluation's when it has them."""
-    c = self.config
-    step = int(jax.device_get(state.step))
-    if self._grid is not None and self._grid[0] == step:
-      return list(self._grid[1])
-    classes, per = self._grid_shape()
-    labels = np.repeat(np.arange(classes), per)
-    images = np.clip(self.samples(state, labels, seed=c.seed + 2), -1, 1)
-    return list(images.reshape((classes, per) + images.shape[1:]))
-
-  def _grid_shape(self) -> tuple[int, int]:
-    c = self.config
-    return min(c.eval.grid_classes, c.model.num_classes), c.eval.grid_per_class
-
-
-def _round_up(n: int, k: int) -> int:
-  return -(-n // k) * k
-
-
-def _batch_devices(mesh) -> int:
-  return math.prod(mesh.shape[a] for a in parallel.BATCH_AXES)
-
-
-def _global(x: np.ndarray, mesh) -> jax.Array:
-  """A batch-sharded global array from the full host array (the same on every process)."""
-  sharding = parallel.batch_sharding(mesh, x.ndim)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+  def sample_batch(self, state, indices, labels, seed):
+    """Images of samples ``indices``: the noise of sample i is drawn from (seed, i) alone."""
+    noise = np.stack([np.random.default_rng([seed, int(i)]).standard_normal(self.latent_shape, np.float32)
+                      for i in indices])
+    key = jax.random.fold_in(jax.random.key(seed), int(indices[0]))
+    images = self._generate(state.ema_params, self.tokenizer_on_devices, generator.global_array(noise, self.mesh),
+                            labels, state.extra["latent_scale"], key)
+    return {"images": images}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):

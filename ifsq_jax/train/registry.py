@@ -11,6 +11,7 @@ TASKS = {
     "toy": "ifsq_jax.train.toy",
     "tokenizer": "ifsq_jax.train.tokenizer",
     "dit": "ifsq_jax.train.dit",
+    "llamagen": "ifsq_jax.train.llamagen",
 }
 
 

@@ -50,10 +50,24 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
                                             end_value=opt.lr * opt.min_lr_ratio)
   else:
     lr = optax.constant_schedule(opt.lr) if opt.warmup_steps == 0 else optax.linear_schedule(0.0, opt.lr, opt.warmup_steps)
-  mask = None if opt.decay_mask == "all" else (lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+  mask = None if opt.decay_mask == "all" else matrices_mask
   parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
   parts.append(optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=mask))
   return optax.chain(*parts)
+
+
+# Leaves that are never matrices, whatever their rank: a scanned stack of layers gives its norm scales and
+# biases a leading layer axis.
+_VECTOR_NAMES = ("scale", "bias")
+
+
+def matrices_mask(params: Any) -> Any:
+  """True for the weight matrices (rank >= 2, not a norm scale or bias, even when stacked over layers)."""
+  def is_matrix(path, p):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return p.ndim >= 2 and not (names and names[-1] in _VECTOR_NAMES)
+
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]

@@ -1,0 +1,363 @@
+"""LlamaGen with REPA on iFSQ indices: next-token prediction over the frozen tokenizer's indices.
+
+What a step does (the reference's ``llamagen/train.py``): encode the batch's
+images to indices with the frozen tokenizer (or turn extracted codes into
+indices), flatten the token grid in raster order, and train the GPT
+teacher-forced with the cross-entropy of every position (float32; a factorized
+model sums its groups' terms) + ``repa.coef`` x REPA: the projector output at
+position n (after layer ``model.encoder_depth``) aligned with the frozen
+encoder's feature of patch n, the patch that position predicts.
+
+Tokens: the tokenizer's own index layout, or FSQ indices re-split into groups
+with ``tokens.group_sizes`` (the reference's ``factorized_bits``: (2, 2) turns
+17^4 = 83,521 indices into 289 + 289 sub-tokens) from the same tokenizer.
+``model.vocab_sizes`` must list the resulting codebook sizes.
+
+Differences from the reference, on purpose:
+
+* Weight decay 0.05 applies to weight matrices and embeddings by default
+  (``optimizer.decay_mask = "matrices"``); the reference decays every
+  parameter, norm scales included (``"all"`` reproduces it).
+* The REPA target gets no gradient, and training from extracted codes works
+  (the reference's offline path crashes).
+* Evaluation samples get a distinct key per sample (the reference seeds every
+  rank alike and repeats samples across GPUs).
+* CKNNA is computed for FSQ tokenizers too (the reference computes it only
+  for VQ ones), on the EMA model's own samples.
+
+B batch, N tokens (grid * grid), G sub-token groups, V vocabulary, D width, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ifsq_jax import config_lib, parallel
+from ifsq_jax.data import code_shards
+from ifsq_jax.data import pipeline as pipeline_lib
+from ifsq_jax.eval.cknna import cknna
+from ifsq_jax.models import llamagen as llamagen_lib
+from ifsq_jax.nets import repa
+from ifsq_jax.objectives import autoregressive as objective
+from ifsq_jax.sampling import autoregressive as sampler
+from ifsq_jax.train import generator, loop
+from ifsq_jax.train import state as state_lib
+
+QUICKSTART_TOKENIZER = generator.QUICKSTART_TOKENIZER
+set_repa = generator.set_repa
+
+
+def model_fields(size: str = "L", **overrides) -> ml_collections.ConfigDict:
+  """``config.model``: the :class:`~ifsq_jax.models.llamagen.LlamaGen` fields (all but ``dtype``)."""
+  fields = llamagen_lib.llamagen_config(size, **overrides)
+  fields.pop("dtype", None)
+  return ml_collections.ConfigDict(fields)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The reference's LlamaGen-L REPA run on ImageNet 256 (``configs/llamagen_l.py`` builds on it)."""
+  c = generator.add_generator_fields(config_lib.add_image_data(config_lib.base_config()))
+  c.task = "llamagen"
+  c.seed = 0
+  c.data.image_size = 256
+  c.data.transform = "adm_random_crop_flip"  # the reference's AR data: ADM random crop, flip p 0.5
+  c.data.codes_dir = ""  # train on `python -m ifsq_jax.tools.extract` shards instead of encoding images
+  c.data.code_flip = True  # with codes_dir: each example takes its flipped image's codes with probability 1/2
+  c.data.eval_examples = 10_000  # validation crops the samples are compared with
+  c.tokens = ml_collections.ConfigDict()
+  c.tokens.group_sizes = ()  # () the tokenizer's indices; (2, 2): FSQ channels split into 2 index groups of 2
+  c.tokens.group_weights = ()  # () all 1: weights of the groups' cross-entropies (the reference's loss_weights)
+  c.model = model_fields("L")
+  c.repa.coef = 2.0
+  c.sample.cfg_scale = 1.0  # in-training evaluation (the reference's); the paper's samples use 2.0
+  c.sample.cfg_interval = (0.0, 1.0)  # tokens n with lo <= n / N < hi are guided
+  c.sample.temperature = 1.0
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+  c.eval.cknna = True  # CKNNA of the layers' mean-pooled features against the REPA target's (vgg16 without REPA)
+  c.eval.cknna_batch = 64  # samples per CKNNA computation (the reference's per-GPU batch); scores are averaged
+  c.eval.cknna_topk = 10
+  c.train.global_batch_size = 256
+  c.train.num_steps = 500_000
+  c.train.log_every = 100
+  c.train.eval_every = 25_000
+  c.train.image_every = 25_000
+  c.train.ema_decay = 0.9999
+  c.train.compute_dtype = "bfloat16"
+  c.optimizer.lr = 1e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.decay_mask = "matrices"  # "all" decays norm scales and biases too, as the reference does
+  c.optimizer.grad_clip_norm = 1.0
+  c.checkpoint.every = 25_000
+  return c
+
+
+def _error(message: str) -> config_lib.ConfigError:
+  return config_lib.ConfigError(message)
+
+
+class LlamaGenTrainer(generator.GeneratorTrainer):
+  """Next-token prediction with REPA on the frozen tokenizer's indices."""
+
+  @classmethod
+  def validate(cls, config):
+    generator.validate_generator(config, config.model.depth)
+    config_lib.require_choice(config, "model.attention_impl", tuple(llamagen_lib.ATTENTION_IMPLS))
+    config_lib.require_choice(config, "model.remat_policy", llamagen_lib.REMAT_POLICIES)
+    m, s, e = config.model, config.sample, config.eval
+    fields = {k: v for k, v in m.to_dict().items()}
+    fields["vocab_sizes"] = tuple(fields["vocab_sizes"])
+    try:
+      llamagen_lib.LlamaGen(**fields)._check()  # pylint: disable=protected-access
+    except ValueError as err:
+      raise _error(f"config.model: {err}") from None
+    weights = tuple(config.tokens.group_weights)
+    if weights and len(weights) != len(m.vocab_sizes):
+      raise _error(f"config.tokens.group_weights={weights} must have one weight per token group "
+                   f"(config.model.vocab_sizes={tuple(m.vocab_sizes)}), or be () for all 1.")
+    try:
+      sampler.validate_options(cfg_scale=s.cfg_scale, cfg_interval=tuple(s.cfg_interval), temperature=s.temperature,
+                               top_k=s.top_k, top_p=s.top_p)
+    except ValueError as err:
+      raise _error(f"config.sample: {err}") from None
+    if e.cknna and not 2 <= e.cknna_topk < e.cknna_batch <= e.num_samples:
+      raise _error(f"config.eval: CKNNA needs 2 <= cknna_topk ({e.cknna_topk}) < cknna_batch ({e.cknna_batch}) <= "
+                   f"num_samples ({e.num_samples}); or set config.eval.cknna=False.")
+
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh)
+    c = config
+    self.dtype = jnp.bfloat16 if c.train.compute_dtype == "bfloat16" else jnp.float32
+    self.tokenizer = generator.open_tokenizer(c, self.dtype, tuple(c.tokens.group_sizes) or None)
+    self.num_classes = c.model.num_classes
+    tc = self.tokenizer.config
+    grid = c.data.image_size // tc.downsample_factor
+    vocab = tuple(int(v) for v in tc.index_sizes)
+    if not vocab:
+      raise _error(f"config.tokenizer={c.tokenizer!r} has a {tc.bottleneck!r} bottleneck, which gives no indices; "
+                   "LlamaGen needs an FSQ, iFSQ or VQ tokenizer.")
+    if tuple(c.model.vocab_sizes) != vocab or c.model.grid_size != grid:
+      raise _error(f"config.model (vocab_sizes={tuple(c.model.vocab_sizes)}, grid_size={c.model.grid_size}) does "
+                   f"not fit the tokenizer's indices of {c.data.image_size}px images"
+                   f"{' split by config.tokens.group_sizes=' + str(tuple(c.tokens.group_sizes)) if c.tokens.group_sizes else ''}"
+                   f": vocab_sizes={vocab}, grid_size={grid}.")
+    fields = c.model.to_dict()
+    fields["vocab_sizes"] = vocab
+    self.module = llamagen_lib.LlamaGen(**fields, dtype=self.dtype)
+    self.grid = grid
+    self.target = repa.load_target(c.repa.target, c.repa.path)
+    generator.log_repa(self.target, grid, c.model.encoder_depth, c.repa.coef)
+    # CKNNA compares the layers with the REPA target, or with VGG16 (shipped) when REPA is off.
+    self.cknna_target = None
+    if c.eval.cknna:
+      self.cknna_target = self.target if self.target is not None else repa.load_target("vgg16")
+    self.tx = state_lib.make_optimizer(c.optimizer, c.train.num_steps)
+
+  # ------------------------------------------------------------------ data
+
+  def _uses_codes(self) -> bool:
+    """From extracted shards: FSQ indices are recomputed from the codes (any grouping); others are read."""
+    return self.tokenizer.config.bottleneck in ("ifsq", "fsq")
+
+  def train_data(self, process_index, process_count):
+    c = self.config
+    if c.data.codes_dir:
+      source = code_shards.CodeShardSource(c.data.codes_dir)
+      key = "codes" if self._uses_codes() else "indices"
+      if key not in source.keys:
+        raise _error(f"the shards in {c.data.codes_dir} hold {source.keys}, but this tokenizer's tokens come from "
+                     f"{key!r}.")
+      tc = self.tokenizer.config
+      expect = (self.grid, self.grid, tc.embed_dim) if key == "codes" else None
+      if expect is not None and tuple(source.codes_shape) != expect:
+        raise _error(f"the codes in {c.data.codes_dir} are {tuple(source.codes_shape)}, the tokenizer gives "
+                     f"{expect}.")
+      pick = pipeline_lib.code_example(c.data.code_flip, keys=(key,))
+
+      def example(raw, rng):  # the shards keep codes in float16 (exact for k / (L // 2))
+        out = pick(raw, rng)
+        return {**out, key: out[key].astype(np.float32 if key == "codes" else np.int32)}
+
+      data = pipeline_lib.Pipeline(source, example, c.train.global_batch_size, seed=c.seed,
+                                   process_index=process_index, process_count=process_count)
+    else:
+      data = pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
+                                         process_count=process_count)
+    if data.source.num_classes > c.model.num_classes:
+      raise _error(f"{data.source.name} has {data.source.num_classes} classes but config.model.num_classes="
+                   f"{c.model.num_classes}.")
+    return data
+
+  def batch_shapes(self):
+    c = self.config
+    b = c.train.global_batch_size
+    shapes = {"label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    if c.data.codes_dir:
+      tc = self.tokenizer.config
+      if self._uses_codes():
+        shapes["codes"] = jax.ShapeDtypeStruct((b, self.grid, self.grid, tc.embed_dim), jnp.float32)
+      else:
+        shapes["indices"] = jax.ShapeDtypeStruct((b, self.grid, self.grid), jnp.int32)
+    else:
+      s = c.data.image_size
+      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
+    return shapes
+
+  def frozen(self):
+    out = {"tokenizer": self.tokenizer.variables}
+    if self.target is not None:
+      out["repa"] = self.target.params
+    return out
+
+  def tokens(self, batch, frozen) -> jax.Array:
+    """The batch's tokens (B, N) int32, or (B, N, G) for a factorized model, in raster order."""
+    if "codes" in batch:
+      idx = self.tokenizer.config.fsq.codes_to_indices(batch["codes"].astype(jnp.float32))
+    elif "indices" in batch:
+      idx = batch["indices"]
+    else:
+      idx = self.tokenizer.model.apply(frozen["tokenizer"], batch["image"], method=lambda m, x: m.encode(x).indices)
+    b = idx.shape[0]
+    groups = (len(self.module.vocab_sizes),) if self.module.factorized else ()
+    return jax.lax.stop_gradient(idx.astype(jnp.int32).reshape((b, self.grid * self.grid) + groups))
+
+  # ----------------------------------------------------------------- state
+
+  def init_state(self, rng):
+    k_params, k_drop = jax.random.split(rng)
+    tokens, labels = llamagen_lib.example_inputs(self.module)
+    params = self.module.init({"params": k_params, "dropout": k_drop}, tokens, labels)["params"]
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                                ema_params=jax.tree.map(jnp.copy, params), extra={})
+
+  def init_from(self, state, path):
+    """Params and EMA from a converted LlamaGen (``python -m ifsq_jax.convert llamagen``) or a LlamaGen checkpoint."""
+    return generator.init_from_converted(self, state, path, "llamagen", super().init_from)
+
+  # ----------------------------------------------------------------- steps
+
+  def loss_and_grads(self, params, batch, rng, frozen):
+    """Loss, gradients and metrics of one (micro-)batch."""
+    c = self.config
+    tokens = self.tokens(batch, frozen)
+    target = None
+    if self.target is not None:
+      target = self.target.features(frozen["repa"], batch["image"], self.grid)
+
+    def loss_fn(p):
+      out = self.module.apply({"params": p}, tokens, batch["label"], train=True, return_repa=target is not None,
+                              rngs={"dropout": rng})
+      logits, z = out if target is not None else (out, None)
+      return objective.token_loss(logits, tokens, repa_features=z, repa_target=target, proj_coef=c.repa.coef,
+                                  group_weights=tuple(c.tokens.group_weights) or None)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return {"loss": loss, "grads": grads, "metrics": terms}
+
+  def train_steps(self):
+    c = self.config
+
+    def step(state, batch, key, frozen):
+      out, _ = state_lib.accumulate(
+          lambda mb, r, carry: (self.loss_and_grads(state.params, mb, r, frozen), carry), batch, key,
+          c.train.grad_accum_steps)
+      loss, grads = out["loss"], out["grads"]
+      norm = optax.tree.norm(grads)
+
+      def update(s):
+        updates, opt = self.tx.update(grads, s.opt_state, s.params)
+        params = optax.apply_updates(s.params, updates)
+        return s.replace(params=params, opt_state=opt,
+                         ema_params=state_lib.ema_update(s.ema_params, params, c.train.ema_decay))
+
+      new, nonfinite = state_lib.apply_if_finite(state, loss, norm, update)
+      return new, {**out["metrics"], "loss": loss, "grad_norm": norm, "nonfinite": nonfinite}
+
+    return {"train": step}
+
+  # ------------------------------------------------------------- sampling
+
+  @functools.cached_property
+  def _generate(self):
+    """jit: (EMA params, tokenizer variables, labels (B,), key) -> (tokens, images (B, H, W, 3))."""
+    s = self.config.sample
+    shape = (self.grid, self.grid) + ((len(self.module.vocab_sizes),) if self.module.factorized else ())
+
+    def generate(params, tok, labels, key):
+      tokens = sampler.generate(self.module, params, labels, key, cfg_scale=s.cfg_scale,
+                                cfg_interval=tuple(s.cfg_interval), temperature=s.temperature, top_k=s.top_k,
+                                top_p=s.top_p)
+      indices = tokens.reshape((tokens.shape[0],) + shape)
+      images = self.tokenizer.model.apply(tok, indices, method=lambda m, i: m.decode_indices(i))
+      return tokens, images.astype(jnp.float32)
+
+    token_ndim = 3 if self.module.factorized else 2
+    return jax.jit(generate, out_shardings=(parallel.batch_sharding(self.mesh, token_ndim),
+                                            parallel.batch_sharding(self.mesh, 4)))
+
+  def sample_batch(self, state, indices, labels, seed):
+    """Tokens and images of samples ``indices`` (one key per batch; row r of it draws with ``fold_in(key, r)``)."""
+    key = jax.random.fold_in(jax.random.key(seed), int(indices[0]))
+    tokens, images = self._generate(state.ema_params, self.tokenizer_on_devices, labels, key)
+    return {"images": images, "tokens": tokens}
+
+  # ---------------------------------------------------------------- CKNNA
+
+  @functools.cached_property
+  def _cknna_features(self):
+    """jit: (EMA params, target params, tokens, labels, images) -> (layer means (L + 1, B, D), target means (B, Z)).
+
+    Layer 0 is the embeddings; layer l the residual stream after block l; each is
+    mean-pooled over the N positions, as is the target's patch grid.
+    """
+    target = self.cknna_target
+
+    def features(params, target_params, tokens, labels, images):
+      _, state = self.module.apply({"params": params}, tokens, labels, mutable=["intermediates"])
+      inter = state["intermediates"]
+      layers = inter["layers"]["hidden"][0] if self.module.scan_layers else jnp.stack(
+          [inter[f"layers_{i}"]["hidden"][0] for i in range(self.module.depth)])
+      stream = jnp.concatenate([inter["embeddings"][0][None], layers])  # (L + 1, B, N, D)
+      pooled = jnp.mean(stream.astype(jnp.float32), axis=2)
+      feats = jnp.mean(target.features(target_params, jnp.clip(images, -1, 1), self.grid), axis=1)
+      return pooled, feats
+
+    return jax.jit(features)
+
+  def sample_metrics(self, state, samples, labels):
+    """``cknna/layer-{l}`` for l = 0, 2, ..., L: CKNNA of the layer's mean-pooled features and the target's.
+
+    The EMA model reruns teacher-forced on its own samples; CKNNA is computed
+    per batch of ``eval.cknna_batch`` samples (top-k ``eval.cknna_topk``) and
+    averaged over the whole batches, as the reference does.
+    """
+    e = self.config.eval
+    if self.cknna_target is None:
+      return {}
+    n = e.cknna_batch
+    scores = []
+    for start in range(0, len(labels) - n + 1, n):
+      sl = slice(start, start + n)
+      pooled, feats = jax.device_get(self._cknna_features(
+          state.ema_params, self.cknna_target.params, jnp.asarray(samples["tokens"][sl]),
+          jnp.asarray(labels[sl], jnp.int32), jnp.asarray(samples["images"][sl])))
+      scores.append([cknna(pooled[l], feats, e.cknna_topk) for l in range(0, pooled.shape[0], 2)])
+    means = np.mean(np.asarray(scores), axis=0)
+    logging.info("CKNNA (layers 0, 2, ...) against %s: %s", self.cknna_target.name, np.round(means, 4).tolist())
+    return {f"cknna/layer-{2 * i}": float(v) for i, v in enumerate(means)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
+  return loop.run(LlamaGenTrainer, config, workdir, schema=default_config(), devices=devices)
+
+
+TRAINER = LlamaGenTrainer
