@@ -218,3 +218,15 @@ def test_paper_config_builds_dit_l1_with_the_reference_parameter_count(f16_token
   else:
     assert c.model.hidden_size == 384 and c.model.z_dim == 0 and "projector" not in abstract.params
   assert (c.train.global_batch_size, c.optimizer.lr, c.optimizer.b2, c.train.ema_decay) == (1024, 2e-4, 0.95, 0.9999)
+
+
+def test_dit_init_from_converted_weights(tokenizer_dir, tmp_path):
+  c = tiny_config(tokenizer_dir)
+  trainer = dit.DiTTrainer(c, parallel.make_mesh())
+  fresh = jax.jit(lambda k: nn.meta.unbox(trainer.init_state(k)))(jax.random.key(0))
+  params = jax.tree.map(lambda p: np.asarray(p) + 0.01, jax.device_get(fresh.params))
+  torch_io.save_converted(str(tmp_path / "conv"), params, {"kind": "dit", "model": c.model.to_dict(),
+                                                            "weights": "ema"})
+  state = trainer.init_from(fresh, str(tmp_path / "conv"))
+  for tree in (state.params, state.ema_params):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tree, params)
