@@ -106,18 +106,25 @@ def open_tokenizer(config: ml_collections.ConfigDict, dtype: Any,
     hint = f" Make it with: {MAKE_QUICKSTART_TOKENIZER}" if path.rstrip("/") == QUICKSTART_TOKENIZER else ""
     raise _error(f"config.tokenizer={path!r} cannot be opened: {e}{hint}") from None
   if group_sizes:
-    tc = tokenizer.config
-    if tc.bottleneck not in ("ifsq", "fsq"):
-      raise _error(f"config.tokens.group_sizes={tuple(group_sizes)} splits FSQ indices, but the tokenizer in "
-                   f"{path} has a {tc.bottleneck!r} bottleneck.")
     try:
-      regrouped = dataclasses.replace(tc, group_sizes=tuple(group_sizes))
-      regrouped.fsq  # pylint: disable=pointless-statement  (builds the quantizer: checks the groups)
-      tokenizer = LoadedTokenizer(regrouped, tokenizer.variables, dtype)
+      tokenizer = regroup(tokenizer, group_sizes)
     except ValueError as e:
-      raise _error(f"config.tokens.group_sizes={tuple(group_sizes)} does not fit the tokenizer's "
-                   f"{len(tc.levels)} FSQ channels (levels {tuple(tc.levels)}): {e}") from None
+      raise _error(f"config.tokens.group_sizes={tuple(group_sizes)}: {e}") from None
   return tokenizer
+
+
+def regroup(tokenizer: LoadedTokenizer, group_sizes: tuple[int, ...]) -> LoadedTokenizer:
+  """The tokenizer with its FSQ indices split into ``group_sizes`` channel groups (same network, same codes)."""
+  tc = tokenizer.config
+  if tc.bottleneck not in ("ifsq", "fsq"):
+    raise ValueError(f"index groups split FSQ indices, but this tokenizer has a {tc.bottleneck!r} bottleneck.")
+  try:
+    regrouped = dataclasses.replace(tc, group_sizes=tuple(group_sizes))
+    regrouped.fsq  # pylint: disable=pointless-statement  (builds the quantizer: checks the groups)
+  except ValueError as e:
+    raise ValueError(f"group sizes {tuple(group_sizes)} do not fit the tokenizer's {len(tc.levels)} FSQ channels "
+                     f"(levels {tuple(tc.levels)}): {e}") from None
+  return LoadedTokenizer(regrouped, tokenizer.variables, tokenizer.model.dtype)
 
 
 class GeneratorTrainer(loop.Trainer):

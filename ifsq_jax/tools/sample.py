@@ -1,0 +1,358 @@
+r"""Sample a trained generator (DiT or LlamaGen) in resumable shards, packed for ADM's evaluator.
+
+  python -m ifsq_jax.tools.sample --model DIR --out OUT_DIR [--tokenizer DIR] [--num 50000] \
+      [--labels balanced|uniform] [--seed 0] [--batch 64] [--shard_size 1000] [--png] \
+      [DiT: --steps 250 --method euler|heun --mode ode|sde --shift 0 --cfg_scale 1 --cfg_interval 0,1
+            --cfg_channels 0 --latent_scale S]
+      [LlamaGen: --cfg_scale 2 --cfg_interval 0,1 --temperature 1 --top_k 0 --top_p 1 --group_sizes 2,2]
+      [--num_processes P --process_id p]
+
+``--model`` is a training work dir (its EMA weights, tokenizer, latent scale and
+token groups are read from it) or a converted directory (then name the tokenizer,
+and for DiT the latent scale). Labels are class-balanced by default: a seeded
+permutation of ``i % num_classes``, so every class has N / C samples
+(``uniform`` draws them independently).
+
+Output: ``shard-SSSSS-of-NNNNN.npz`` (``arr_0`` uint8 (n, H, W, 3), ``labels``,
+``index``), each written under a temporary name and renamed when complete, and
+once every shard exists, ``samples_NxHxWx3.npz`` with ``arr_0`` (N, H, W, 3) uint8
+and ``arr_1`` the labels, the layout of ADM's sample batches (streamed into the
+file, never held in memory whole); ``--png`` also writes ``png/IIIIII.png``.
+``meta.json`` records the settings; running again with other settings into the same
+directory is an error, so shards of two runs never mix.
+
+Randomness is a function of (seed, sample index) and the batch layout (fixed by
+``--shard_size``, ``--batch`` and the number of local devices, which rounds the
+batch up): DiT's initial noise for sample i is drawn from ``(seed, i)``, and a
+batch starting at sample i samples with the key ``fold_in(key(seed), i)``
+(LlamaGen's row r draws with ``fold_in`` of that key and r). So no two samples
+share randomness, whatever the number of processes, and a killed run resumed at
+its first missing shard writes exactly what an uninterrupted run writes (finished
+shards are never rewritten). Processes with the same number of devices write
+the same images as one process would.
+
+Processes split the shards (process p writes shards p, p + P, ...); each samples
+on its own devices, so they need no coordinator. Process 0 waits for the others'
+shards and packs them. Under ``jax.distributed`` the process index and count are
+taken from JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import zipfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifsq_jax import parallel
+from ifsq_jax.eval import fid
+from ifsq_jax.models import loading
+from ifsq_jax.models.dit import DiT
+from ifsq_jax.models.llamagen import LlamaGen
+from ifsq_jax.models.pretrained import LoadedTokenizer, load_tokenizer
+from ifsq_jax.sampling import autoregressive, flow
+from ifsq_jax.train import generator as generator_lib
+
+LABEL_KINDS = ("balanced", "uniform")
+META = "meta.json"
+
+
+def shard_name(shard: int, count: int) -> str:
+  return f"shard-{shard:05d}-of-{count:05d}.npz"
+
+
+def make_labels(num: int, num_classes: int, seed: int, kind: str = "balanced") -> np.ndarray:
+  """(num,) int32 labels: a seeded permutation of ``i % num_classes`` (balanced) or independent uniform draws."""
+  rng = np.random.default_rng([seed, 0x1abe1])
+  if kind == "balanced":
+    return rng.permutation(np.arange(num) % num_classes).astype(np.int32)
+  if kind == "uniform":
+    return rng.integers(0, num_classes, num).astype(np.int32)
+  raise ValueError(f"labels={kind!r} is not valid; use one of {LABEL_KINDS}.")
+
+
+class Generator:
+  """A trained generator with its tokenizer: ``images(indices, labels)`` -> uint8 (B, H, W, 3).
+
+  Args:
+    module: DiT or LlamaGen.
+    params: Its params.
+    tokenizer: The tokenizer its codes or indices belong to.
+    options: Sampler options (see ``main``'s flags).
+    latent_scale: DiT only: the scale its codes were trained at.
+    seed: The run's seed.
+    devices: Devices the batch is split over.
+  """
+
+  def __init__(self, module: DiT | LlamaGen, params: Any, tokenizer: LoadedTokenizer, options: dict[str, Any],
+               latent_scale: float | None, seed: int, devices: Sequence[Any]):
+    self.module, self.tokenizer, self.options, self.seed = module, tokenizer, options, seed
+    self.mesh = parallel.make_mesh(devices=devices)
+    self.params = parallel.replicate(params, self.mesh)
+    self.tok_vars = parallel.replicate(tokenizer.variables, self.mesh)
+    self.latent_scale = latent_scale
+    self.kind = "dit" if isinstance(module, DiT) else "llamagen"
+    self._program = jax.jit(self._dit if self.kind == "dit" else self._llamagen,
+                            out_shardings=parallel.batch_sharding(self.mesh, 4))
+
+  def _dit(self, params, tok, noise, labels, key):
+    o = self.options
+    velocity = lambda x, t, y: self.module.apply({"params": params}, x, t, y)
+    z = flow.sample(velocity, noise, labels, num_steps=o["steps"], method=o["method"], mode=o["mode"],
+                    shift=o["shift"], cfg_scale=o["cfg_scale"], null_label=self.module.num_classes,
+                    cfg_channels=o["cfg_channels"] or None, cfg_interval=tuple(o["cfg_interval"]), key=key)
+    return self.tokenizer.model.apply(tok, (z / self.latent_scale).astype(jnp.float32),
+                                      method=lambda m, c: m.decode(c))
+
+  def _llamagen(self, params, tok, noise, labels, key):
+    del noise
+    o = self.options
+    tokens = autoregressive.generate(self.module, params, labels, key, cfg_scale=o["cfg_scale"],
+                                     cfg_interval=tuple(o["cfg_interval"]), temperature=o["temperature"],
+                                     top_k=o["top_k"], top_p=o["top_p"])
+    g = self.module.grid_size
+    indices = tokens.reshape((tokens.shape[0], g, g) + tokens.shape[2:])
+    return self.tokenizer.model.apply(tok, indices, method=lambda m, i: m.decode_indices(i)).astype(jnp.float32)
+
+  def images(self, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """uint8 images (B, H, W, 3) of samples ``indices`` (B,) with ``labels`` (B,); B a multiple of the devices."""
+    key = jax.random.fold_in(jax.random.key(self.seed), int(indices[0]))
+    noise = np.zeros((len(indices), 1), np.float32)
+    if self.kind == "dit":
+      h = self.module.input_size
+      shape = (h, h, self.module.in_channels)
+      noise = np.stack([np.random.default_rng([self.seed, int(i)]).standard_normal(shape, np.float32)
+                        for i in indices])
+    with parallel.sharding_context(self.mesh, ()):
+      out = self._program(self.params, self.tok_vars, generator_lib.global_array(noise, self.mesh),
+                          generator_lib.global_array(np.asarray(labels, np.int32), self.mesh), key)
+    return fid.to_uint8(np.asarray(out))
+
+
+def _run_config(model_dir: str) -> dict[str, Any] | None:
+  path = os.path.join(model_dir, "config.json")
+  if loading.is_converted(model_dir) or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def open_generator(model_dir: str, options: dict[str, Any], *, tokenizer: str = "", latent_scale: float = 0.0,
+                   group_sizes: Sequence[int] = (), seed: int = 0, devices: Sequence[Any] | None = None) -> Generator:
+  """The generator in ``model_dir`` (work dir or converted) with its tokenizer, ready to sample."""
+  module, params = loading.load_model(model_dir)
+  run = _run_config(model_dir)
+  tokenizer = tokenizer or (run or {}).get("tokenizer", "")
+  if not tokenizer:
+    raise ValueError(f"{model_dir} is a converted model: name its tokenizer with --tokenizer DIR.")
+  tok = load_tokenizer(tokenizer)
+  if isinstance(module, LlamaGen):
+    groups = tuple(group_sizes) or tuple(((run or {}).get("tokens") or {}).get("group_sizes") or ())
+    if groups:
+      tok = generator_lib.regroup(tok, groups)
+    if tuple(tok.config.index_sizes) != tuple(module.vocab_sizes):
+      raise ValueError(f"the tokenizer {tokenizer} gives indices of {tuple(tok.config.index_sizes)} codes, the model "
+                       f"predicts {tuple(module.vocab_sizes)}; split FSQ indices with --group_sizes (e.g. 2,2).")
+    scale = None
+  else:
+    scale = latent_scale or _workdir_latent_scale(model_dir)
+    if not scale:
+      raise ValueError(f"{model_dir} is a converted DiT: pass the latent scale its codes were trained at with "
+                       "--latent_scale (a work dir keeps it in latent.json).")
+  return Generator(module, params, tok, options, scale, seed, devices or jax.local_devices())
+
+
+def _workdir_latent_scale(model_dir: str) -> float:
+  path = os.path.join(model_dir, "latent.json")
+  if not os.path.exists(path):
+    return 0.0
+  with open(path) as f:
+    return float(json.load(f)["latent_scale"])
+
+
+def _check_meta(out: str, meta: dict[str, Any]) -> None:
+  path = os.path.join(out, META)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    differ = [f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in meta if old.get(k) != meta[k]]
+    if differ:
+      raise ValueError(f"{out} holds samples of other settings ({'; '.join(differ)}); sample into a new --out "
+                       "directory.")
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2)
+  os.replace(tmp, path)
+
+
+def write_shards(gen: Generator, out: str, labels: np.ndarray, *, shard_size: int, batch: int, png: bool = False,
+                 process_id: int = 0, num_processes: int = 1, max_shards: int | None = None) -> list[int]:
+  """Writes this process's missing shards (p, p + P, ...); returns the shards written.
+
+  ``max_shards`` stops after that many (a deliberate interruption, for tests).
+  """
+  n = len(labels)
+  count = math.ceil(n / shard_size)
+  devices = math.prod(gen.mesh.devices.shape)
+  per_call = generator_lib.round_up(min(batch, shard_size), devices)
+  mine = [s for s in range(process_id, count, num_processes)]
+  todo = [s for s in mine if not os.path.exists(os.path.join(out, shard_name(s, count)))]
+  logging.info("Process %d of %d: %d of its %d shards to write (%d images each)", process_id, num_processes,
+               len(todo), len(mine), shard_size)
+  written, start_time, done_images = [], time.time(), 0
+  for s in todo[:max_shards]:
+    lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+    images = []
+    for b in range(lo, hi, per_call):
+      idx = np.arange(b, b + per_call)
+      real = idx[idx < hi]
+      images.append(gen.images(idx, labels[np.minimum(idx, n - 1)])[:len(real)])
+    images = np.concatenate(images)
+    path = os.path.join(out, shard_name(s, count))
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, arr_0=images, labels=labels[lo:hi], index=np.arange(lo, hi))
+    os.replace(tmp, path)
+    if png:
+      from ifsq_jax.train import writers  # pylint: disable=g-import-not-at-top
+      os.makedirs(os.path.join(out, "png"), exist_ok=True)
+      for i, image in zip(range(lo, hi), images):
+        writers.save_png(image, os.path.join(out, "png", f"{i:06d}.png"))
+    written.append(s)
+    done_images += hi - lo
+    rate = done_images / (time.time() - start_time)
+    left = sum(min(n, (t + 1) * shard_size) - t * shard_size for t in todo[len(written):])
+    logging.info("shard %d/%d written | %.2f images/s | ETA %s", s + 1, count, rate,
+                 time.strftime("%Hh%Mm%Ss", time.gmtime(left / max(rate, 1e-9))))
+  return written
+
+
+def pack(out: str, num: int, shard_size: int) -> str:
+  """``samples_NxHxWx3.npz`` (``arr_0`` images, ``arr_1`` labels) from the shards, streamed shard by shard."""
+  count = math.ceil(num / shard_size)
+  paths = [os.path.join(out, shard_name(s, count)) for s in range(count)]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"{len(missing)} of {count} shards are missing (first: {missing[0]}); run the sampler "
+                            "again to write them.")
+  with np.load(paths[0]) as first:
+    shape = (num,) + first["arr_0"].shape[1:]
+  name = os.path.join(out, "samples_" + "x".join(map(str, shape)) + ".npz")
+  labels = []
+  tmp = name + ".tmp"
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+      np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                               "fortran_order": False, "shape": shape})
+      for p in paths:
+        with np.load(p) as shard:
+          f.write(np.ascontiguousarray(shard["arr_0"], np.uint8).tobytes())
+          labels.append(shard["labels"])
+    with zf.open("arr_1.npy", "w") as f:
+      np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
+  os.replace(tmp, name)
+  return name
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  return tuple(float(x) for x in text.split(","))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", required=True, help="generator work dir or converted directory")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--tokenizer", default="", help="tokenizer dir (default: the work dir's config.tokenizer)")
+  parser.add_argument("--num", type=int, default=50_000)
+  parser.add_argument("--labels", default="balanced", choices=LABEL_KINDS)
+  parser.add_argument("--num_classes", type=int, default=0, help="label range (default: the model's classes)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--batch", type=int, default=64, help="images per sampler call (all local devices)")
+  parser.add_argument("--shard_size", type=int, default=1000)
+  parser.add_argument("--png", action="store_true")
+  parser.add_argument("--steps", type=int, default=250, help="DiT: sampler steps")
+  parser.add_argument("--method", default="euler", choices=flow.METHODS)
+  parser.add_argument("--mode", default="ode", choices=flow.MODES)
+  parser.add_argument("--shift", type=float, default=0.0)
+  parser.add_argument("--cfg_scale", type=float, default=None, help="default: 1 for DiT, 2 for LlamaGen")
+  parser.add_argument("--cfg_interval", type=_floats, default=(0.0, 1.0))
+  parser.add_argument("--cfg_channels", type=int, default=0, help="DiT: 0 guides every channel; 3 the reference's")
+  parser.add_argument("--latent_scale", type=float, default=0.0, help="DiT from a converted directory")
+  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--top_k", type=int, default=0)
+  parser.add_argument("--top_p", type=float, default=1.0)
+  parser.add_argument("--group_sizes", type=_ints, default=(), help="LlamaGen: FSQ index groups, e.g. 2,2")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--max_shards", type=int, default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  num_processes = args.num_processes or jax.process_count()
+  process_id = jax.process_index() if args.process_id is None else args.process_id
+  problems = [f"{name}={value} must be >= 1" for name, value in
+              (("--num", args.num), ("--batch", args.batch), ("--shard_size", args.shard_size),
+               ("--steps", args.steps), ("--num_processes", num_processes)) if value < 1]
+  if not 0 <= process_id < num_processes:
+    problems.append(f"--process_id={process_id} must be in [0, {num_processes})")
+  if problems:
+    parser.error("; ".join(problems))
+  module, _ = loading.load_model(args.model)
+  kind = "dit" if isinstance(module, DiT) else "llamagen"
+  cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if kind == "dit" else 2.0)
+  options = {"cfg_scale": cfg_scale, "cfg_interval": list(args.cfg_interval)}
+  if kind == "dit":
+    options.update(steps=args.steps, method=args.method, mode=args.mode, shift=args.shift,
+                   cfg_channels=args.cfg_channels)
+  else:
+    options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    try:
+      autoregressive.validate_options(**{k: tuple(v) if k == "cfg_interval" else v for k, v in options.items()})
+    except ValueError as e:
+      parser.error(str(e))
+  num_classes = args.num_classes or module.num_classes
+  if not 1 <= num_classes <= module.num_classes:
+    parser.error(f"--num_classes={num_classes} must be in [1, {module.num_classes}] (the model's classes).")
+  try:
+    gen = open_generator(args.model, options, tokenizer=args.tokenizer, latent_scale=args.latent_scale,
+                         group_sizes=args.group_sizes, seed=args.seed)
+  except (FileNotFoundError, ValueError) as e:
+    parser.error(str(e))
+  os.makedirs(args.out, exist_ok=True)
+  meta = {"model": os.path.abspath(args.model), "kind": kind, "num": args.num, "labels": args.labels,
+          "num_classes": num_classes, "seed": args.seed, "batch": args.batch, "shard_size": args.shard_size,
+          "options": options, "latent_scale": gen.latent_scale}
+  try:
+    _check_meta(args.out, meta)
+  except ValueError as e:
+    parser.error(str(e))
+  labels = make_labels(args.num, num_classes, args.seed, args.labels)
+  write_shards(gen, args.out, labels, shard_size=args.shard_size, batch=args.batch, png=args.png,
+               process_id=process_id, num_processes=num_processes, max_shards=args.max_shards)
+  if process_id != 0:
+    return 0
+  count = math.ceil(args.num / args.shard_size)
+  while sum(os.path.exists(os.path.join(args.out, shard_name(s, count))) for s in range(count)) < count:
+    if args.max_shards is not None:
+      logging.info("Stopped after --max_shards=%d; run again to continue.", args.max_shards)
+      return 0
+    logging.info("Waiting for the other processes' shards ...")
+    time.sleep(10)
+  logging.info("Wrote %s", pack(args.out, args.num, args.shard_size))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
