@@ -1,9 +1,9 @@
 """Frechet distances, streaming feature statistics, and the ADM file formats.
 
 * :func:`frechet_distance`: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2))`` in
-  float64, the matrix square root as scipy's ``sqrtm`` with the pytorch-fid / ADM
-  retry (``1e-6 I`` added when the product is singular) and the 1e-3 check on
-  the imaginary part.
+  float64, the trace of the square root from the eigenvalues of
+  ``sqrt(S1) S2 sqrt(S1)`` (:func:`ifsq_jax.eval.generative.frechet_distance`):
+  real and finite where scipy's ``sqrtm`` is not (singular covariances).
 * :class:`FeatureStats`: running sums in float64 of any number of feature batches
   (50k images never sit in memory); ``merge`` / ``allgather`` combine shards of
   devices and processes; mean and unbiased covariance as ``np.cov(rowvar=False)``.
@@ -17,26 +17,19 @@ N samples, D feature width.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
+
+from ifsq_jax.eval import generative
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
-  """Frechet distance between two Gaussians (D,), (D, D)."""
-  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}.")
-  diff = mu1 - mu2
-  covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
-  if not np.isfinite(covmean).all():
-    offset = np.eye(sigma1.shape[0]) * eps
-    covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-  if np.iscomplexobj(covmean):
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the matrix square root.")
-    covmean = covmean.real
-  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+  """Frechet distance between two Gaussians (D,), (D, D); see :func:`generative.frechet_distance`.
+
+  ``eps`` is kept for callers of the earlier ``sqrtm`` version (its retry offset);
+  the eigenvalue form needs no offset and ignores it.
+  """
+  del eps
+  return generative.frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
 class FeatureStats:

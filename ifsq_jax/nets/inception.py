@@ -8,10 +8,47 @@ BatchNorm eps 1e-3 with the stored statistics, inputs in [0, 1] resized to
 and the 2048-d average-pooled features. Module and parameter names follow the
 PyTorch ones so the converter is a plain rename.
 
+The features of ADM's evaluator (FID, sFID, Inception Score, precision / recall;
+``ifsq_jax.eval.generative``) come from the same network, whose weights were
+ported from the TF graph ADM runs (``classify_image_graph_def.pb``,
+2015-12-05), through ``outputs``:
+
+* ``pool``: ``pool_3`` (B, 2048).
+* ``logits`` / ``logits_unbiased``: the 1008-way classifier ``fc`` (TF
+  ``softmax/weights``, ``softmax/biases``) with and without its bias. ADM's
+  Inception Score, like the original improved-gan code, applies the softmax to
+  ``pool_3 @ W`` (the input of ``softmax/logits/MatMul``) without the bias, so
+  ``logits_unbiased`` reproduces it.
+* ``spatial``: ADM's sFID features ``mixed_6/conv:0[..., :7]`` flattened in
+  (H, W, C) order, (B, 17 * 17 * 7 = 2023) at 299 x 299. The TF graph names its
+  blocks ``mixed`` .. ``mixed_10`` in order, so ``mixed_6`` is the seventh:
+  Mixed_5b/c/d are ``mixed``/``mixed_1``/``mixed_2``, Mixed_6a is ``mixed_3``,
+  Mixed_6b/c/d/e are ``mixed_4``..``mixed_7`` -- ``mixed_6`` is **Mixed_6d**
+  (17 x 17 x 768; pytorch-fid's and torch-fidelity's weight ports map
+  ``mixed_6/conv/conv2d_params`` and ``mixed_6/conv/batchnorm`` to
+  ``Mixed_6d.branch1x1.conv`` / ``.bn``). In that graph a layer ``X`` is the ops
+  ``X/Conv2D``, ``X/batchnorm`` (BatchNormWithGlobalNormalization) and then the
+  ReLU named ``X`` itself, so ``mixed_6/conv:0`` is the output *after* BN and
+  ReLU of ``Mixed_6d.branch1x1`` (192 channels). That branch is the first in the
+  block's concatenation, so its first 7 channels are Mixed_6d's output channels
+  0..6, which is what is taken. Remaining uncertainty: the ReLU-naming
+  convention is read from the graph's op names as other ports use them, not
+  checked against the graph itself (not available offline). A check with
+  published statistics: every entry of ``mu_s`` in ADM's reference files must be
+  >= 0 (a ReLU output), and ``python -m ifsq_jax.tools.fid`` reports the
+  Frechet distance between the reference images' statistics computed here and
+  the published ones (``ref_check_sfid``).
+
+``preprocess`` selects the input pipeline: ``"pytorch_fid"`` (above) or
+``"adm"``, that of the TF graph ADM feeds (float pixels at ``ExpandDims:0``):
+TF1's legacy ``ResizeBilinear`` (``align_corners=False``,
+``half_pixel_centers=False``: source coordinate ``i * in / out``, no half-pixel
+shift) to 299 x 299, then ``(x - 128) / 128``. Inputs are [0, 1] in both modes.
+
 Weights: ``pt_inception-2015-12-05-6726825d.pth`` (pytorch-fid's release),
 converted with ``python -m ifsq_jax.convert inception``.
 
-B batch, H W size, C channels.
+B batch, H W size, C channels, K classes (1008).
 """
 
 from __future__ import annotations
@@ -21,8 +58,14 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FEATURES = 2048
+CLASSES = 1008  # the TF graph's classifier: 1000 ImageNet classes and 8 unused
+SPATIAL_CHANNELS = 7  # ADM's sFID: mixed_6/conv[..., :7]
+OUTPUTS = ("pool", "spatial", "logits", "logits_unbiased")
+PREPROCESS = ("pytorch_fid", "adm")
+SIZE = 299
 
 
 class BasicConv(nn.Module):
@@ -123,17 +166,81 @@ class InceptionE(nn.Module):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
-class InceptionV3FID(nn.Module):
-  """(B, H, W, 3) images in [0, 1] -> (B, 2048) pool features."""
+def resize_tf_legacy(x: jax.Array, size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, size, size, C) as TF1's ``ResizeBilinear`` with ``align_corners=False``.
 
-  resize: bool = True
+  The legacy (``half_pixel_centers=False``) mapping of the 2015 Inception graph:
+  output pixel i reads source ``i * (in / out)`` (float32), between rows
+  ``floor`` and ``min(ceil, in - 1)``; interpolated along W, then H, in TF's
+  order of operations.
+  """
+  for axis in (2, 1):
+    n_in = x.shape[axis]
+    src = np.arange(size, dtype=np.float32) * (np.float32(n_in) / np.float32(size))
+    lo = np.floor(src)
+    hi = np.minimum(np.ceil(src), n_in - 1)
+    frac = (src - lo).reshape([size if a == axis else 1 for a in range(x.ndim)])
+    a, b = jnp.take(x, lo.astype(np.int32), axis=axis), jnp.take(x, hi.astype(np.int32), axis=axis)
+    x = a + (b - a) * frac
+  return x
+
+
+class Classifier(nn.Module):
+  """The ``fc`` layer: (B, 2048) pool features -> (logits, logits without the bias), each (B, K)."""
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, pool):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (FEATURES, CLASSES))
+    bias = self.param("bias", nn.initializers.zeros, (CLASSES,))
+    unbiased = pool @ kernel
+    return unbiased + bias, unbiased
+
+
+class InceptionV3FID(nn.Module):
+  """(B, H, W, 3) images in [0, 1] -> (B, 2048) pool features, or the ``outputs`` named.
+
+  Attributes:
+    resize: Resize to 299 x 299 first (as both pipelines do).
+    preprocess: ``"pytorch_fid"`` or ``"adm"`` (the TF graph's resize and scaling).
+  """
+
+  resize: bool = True
+  preprocess: str = "pytorch_fid"
+
+  def _prepare(self, x):
+    if self.preprocess not in PREPROCESS:
+      raise ValueError(f"preprocess={self.preprocess!r}; valid: {PREPROCESS}.")
     x = jnp.asarray(x, jnp.float32)
-    if self.resize and x.shape[1:3] != (299, 299):
-      x = jax.image.resize(x, (x.shape[0], 299, 299, x.shape[3]), "bilinear", antialias=False)
-    x = 2.0 * x - 1.0
+    needs_resize = self.resize and x.shape[1:3] != (SIZE, SIZE)
+    if self.preprocess == "adm":
+      x = 255.0 * x  # the graph's input is float pixels in [0, 255]
+      if needs_resize:
+        x = resize_tf_legacy(x, SIZE)
+      return (x - 128.0) * (1.0 / 128.0)
+    if needs_resize:
+      x = jax.image.resize(x, (x.shape[0], SIZE, SIZE, x.shape[3]), "bilinear", antialias=False)
+    return 2.0 * x - 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, outputs: str | Sequence[str] = "pool"):
+    """Features of (B, H, W, 3) images in [0, 1].
+
+    Args:
+      x: Images.
+      outputs: One name of ``OUTPUTS`` (its array is returned) or a sequence of
+        them (a dict is returned). The ``fc`` parameters exist only where a
+        logits output is asked for, so weights converted without the classifier
+        serve ``pool`` and ``spatial``.
+
+    Returns:
+      ``pool`` (B, 2048), ``spatial`` (B, h * w * 7), ``logits`` and
+      ``logits_unbiased`` (B, K), as named.
+    """
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [n for n in names if n not in OUTPUTS]
+    if unknown or not names:
+      raise ValueError(f"outputs={outputs!r}; valid: names among {OUTPUTS}.")
+    x = self._prepare(x)
     x = BasicConv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)
     x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
     x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
@@ -145,9 +252,17 @@ class InceptionV3FID(nn.Module):
     x = InceptionA(64, name="Mixed_5c")(x)
     x = InceptionA(64, name="Mixed_5d")(x)
     x = InceptionB(name="Mixed_6a")(x)
+    spatial = None
     for name, c in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
       x = InceptionC(c, name=name)(x)
+      if name == "Mixed_6d":  # TF mixed_6; its branch1x1 (TF mixed_6/conv) leads the concatenation
+        spatial = x[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)  # (B, 17 * 17 * 7), (H, W, C) order
     x = InceptionD(name="Mixed_7a")(x)
     x = InceptionE(False, name="Mixed_7b")(x)
     x = InceptionE(True, name="Mixed_7c")(x)
-    return jnp.mean(x, axis=(1, 2))
+    out = {"pool": jnp.mean(x, axis=(1, 2)), "spatial": spatial}
+    if "logits" in names or "logits_unbiased" in names:
+      out["logits"], out["logits_unbiased"] = Classifier(name="fc")(out["pool"])
+    if isinstance(outputs, str):
+      return out[outputs]
+    return {n: out[n] for n in names}

@@ -1,0 +1,336 @@
+r"""ADM's generative metrics of a sample batch against a reference batch: FID, sFID, IS, precision, recall.
+
+  python -m ifsq_jax.tools.fid SAMPLES.npz --ref REF.npz [--inception DIR] [--batch 64] \
+      [--out metrics.json] [--cache_dir DIR] [--preprocess adm|pytorch_fid]
+
+Both files are ADM's ``.npz`` batches: ``arr_0`` uint8 (N, H, W, 3) images
+(``ifsq_jax.eval.fid.save_samples_npz`` writes them). The reference may also
+hold precomputed statistics, as ADM's ``VIRTUAL_imagenet256_labeled.npz`` does
+(``arr_0`` and ``mu``, ``sigma``, ``mu_s``, ``sigma_s``); as in ADM's evaluator
+these are used for FID and sFID, and the reference images for precision /
+recall. With ``--inception`` (a directory from ``python -m ifsq_jax.convert
+inception``) the output holds, as ADM's evaluator computes them
+(``ifsq_jax.eval.generative``):
+
+* ``fid``: Frechet distance of the 2048-d pool features.
+* ``sfid``: Frechet distance of the spatial features (``mixed_6/conv``, 7
+  channels at 17 x 17; see ``ifsq_jax.nets.inception``).
+* ``inception_score``: splits of 5000 samples, the classifier without its bias.
+* ``precision`` / ``recall``: k = 3 nearest-neighbour manifolds of the pool
+  features of the samples and the reference images.
+* ``ref_check_fid`` / ``ref_check_sfid`` (when the reference holds both images
+  and statistics): the distance between the statistics of its images computed
+  here and the published ones; it measures how far this Inception is from the
+  TF graph that made them, plus any difference in the images they summarise.
+
+and always ``fd_vgg16`` (VGG16 features that ship with the package; not FID,
+not comparable with it). Images enter the Inception as the TF graph ADM runs
+takes them (``--preprocess adm``: TF1's bilinear resize to 299, ``(x - 128) /
+128``), at float32 matmul precision.
+
+The reference's features are computed once and cached beside it (or in
+``--cache_dir``): ``<name>.inception-<key>.npz`` (pool features and statistics;
+the key covers the weights, the preprocessing and the reference file's size and
+time) and ``<name>.vgg16-<key>.npz``. Samples are read in batches, never whole.
+One process on its default device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import sys
+import zipfile
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from ifsq_jax.eval import fid, generative
+from ifsq_jax.kernels.cpu import host_memory
+
+CONVERT_HINT = ("FID, sFID, the Inception Score, precision and recall need the FID Inception: convert "
+                "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release) with `python -m ifsq_jax.convert "
+                "inception --checkpoint FILE --out DIR` and pass --inception DIR.")
+STATS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def _members(path: str) -> list[str]:
+  """Array names of an ``.npz``."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist.")
+  try:
+    with zipfile.ZipFile(path) as zf:
+      return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+  except zipfile.BadZipFile:
+    raise ValueError(f"{path} is not an .npz file (a zip of .npy arrays, as np.savez writes).") from None
+
+
+@contextlib.contextmanager
+def _npy_member(path: str, key: str) -> Iterator[tuple[Any, tuple[int, ...], np.dtype]]:
+  """(file object at the start of the data, shape, dtype) of array ``key`` of an ``.npz``, nothing read yet."""
+  if key not in _members(path):
+    raise ValueError(f"{path} has no {key!r}: ADM's batches hold the images as 'arr_0' (it has {_members(path)}).")
+  with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+      raise ValueError(f"{path}:{key} is a .npy of format {version}; write it with np.savez (format 1.0 or 2.0).")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran:
+      raise ValueError(f"{path}:{key} is stored in Fortran order; write it with np.savez from a C-ordered array.")
+    yield f, shape, dtype
+
+
+def check_images(path: str, key: str = "arr_0") -> tuple[int, ...]:
+  """The shape (N, H, W, 3) of the uint8 images ``key`` of an ``.npz``, read from its header.
+
+  Raises:
+    FileNotFoundError: for a missing file.
+    ValueError: for a file that is not an npz, lacks ``key``, or holds no uint8 NHWC RGB images.
+  """
+  with _npy_member(path, key) as (_, shape, dtype):
+    if dtype != np.uint8:
+      raise ValueError(f"{path}:{key} is {dtype}; ADM's batches hold uint8 images (N, H, W, 3) in [0, 255] "
+                       "(ifsq_jax.eval.fid.save_samples_npz converts [-1, 1] floats).")
+    if len(shape) != 4 or shape[-1] != 3 or 0 in shape:
+      raise ValueError(f"{path}:{key} has shape {shape}; valid: (N, H, W, 3) with N, H, W >= 1.")
+    return tuple(shape)
+
+
+def iter_images(path: str, batch: int, key: str = "arr_0") -> Iterator[np.ndarray]:
+  """uint8 batches (<= batch, H, W, 3) of the images of an ``.npz``, read one batch at a time."""
+  shape = check_images(path, key)
+  per_image = int(np.prod(shape[1:]))
+  with _npy_member(path, key) as (f, _, _):
+    for start in range(0, shape[0], batch):
+      n = min(batch, shape[0] - start)
+      data = f.read(n * per_image)
+      if len(data) != n * per_image:
+        raise ValueError(f"{path}:{key} ends after {start} images + {len(data)} bytes; the header says {shape}.")
+      yield np.frombuffer(data, np.uint8).reshape((n, *shape[1:]))
+
+
+class FeatureExtractor:
+  """Inception (optional) and VGG16 features of uint8 batches, compiled once for a fixed batch size.
+
+  Args:
+    inception_dir: A converted FID Inception directory, or None for VGG16 only.
+    batch: Images per step (the last batch is padded to it).
+    preprocess: The Inception's input pipeline (``adm`` or ``pytorch_fid``).
+  """
+
+  def __init__(self, inception_dir: str | None, batch: int = 64, preprocess: str = "adm"):
+    self.batch = batch
+    self.preprocess = preprocess
+    self.inception_key = None
+    self.has_logits = False
+    self._inception = None
+    if inception_dir:
+      from ifsq_jax.convert import inception  # pylint: disable=g-import-not-at-top
+      module, variables = inception.load(inception_dir, preprocess=preprocess)
+      self.has_logits = inception.has_classifier(variables)
+      outputs = ("pool", "spatial") + (("logits_unbiased",) if self.has_logits else ())
+      self._inception = functools.partial(_compiled_inception(module, outputs), variables)
+      self.inception_key = _file_digest(os.path.join(inception_dir, "params.safetensors"))
+
+  @property
+  def has_inception(self) -> bool:
+    return self._inception is not None
+
+  def __call__(self, images: np.ndarray, inception: bool = True) -> dict[str, np.ndarray]:
+    """uint8 (n, H, W, 3) -> {"vgg16": (n, 512)} and, with the Inception, pool / spatial / logits_unbiased."""
+    parts = [self._batch(images[i:i + self.batch], inception) for i in range(0, len(images), self.batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def _batch(self, images: np.ndarray, inception: bool) -> dict[str, np.ndarray]:
+    n = len(images)
+    x = np.zeros((self.batch, *images.shape[1:]), np.float32)  # padded: one compiled shape
+    x[:n] = images / np.float32(255.0)
+    out = {"vgg16": fid.vgg16_features(2.0 * x - 1.0)[:n]}
+    if inception and self._inception is not None:
+      with jax.default_matmul_precision("float32"):  # not TF32 / bf16 passes on accelerators
+        out.update({k: np.asarray(v)[:n] for k, v in self._inception(x).items()})
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_inception(module: Any, outputs: tuple[str, ...]):
+  """One jitted Inception per module configuration and outputs (variables are an argument), shared by extractors."""
+  return jax.jit(functools.partial(module.apply, outputs=outputs))
+
+
+def _file_digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(functools.partial(f.read, 1 << 24), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _features(path: str, extractor: FeatureExtractor, inception: bool = True) -> dict[str, Any]:
+  """Statistics (``FeatureStats``) of every feature of the images of ``path``, and the pool features and logits."""
+  stats: dict[str, fid.FeatureStats] = {}
+  kept: dict[str, list[np.ndarray]] = {"pool": [], "logits_unbiased": []}
+  count = 0
+  for images in iter_images(path, extractor.batch):
+    feats = extractor(images, inception)
+    for name, f in feats.items():
+      if name in ("vgg16", "pool", "spatial"):
+        stats.setdefault(name, fid.FeatureStats(f.shape[1])).update(f)
+      if name in kept:
+        kept[name].append(f)
+    count += len(images)
+    logging.info("%s: %d images", path, count)
+  return {"count": count, "stats": stats, **{k: np.concatenate(v) if v else None for k, v in kept.items()}}
+
+
+def _cache_path(ref: str, cache_dir: str | None, kind: str, *key_parts: str) -> str:
+  st = os.stat(ref)
+  key = hashlib.sha256("|".join((*key_parts, str(st.st_size), str(st.st_mtime_ns))).encode()).hexdigest()[:16]
+  base = os.path.splitext(os.path.basename(ref))[0]
+  return os.path.join(cache_dir or os.path.dirname(os.path.abspath(ref)), f"{base}.{kind}-{key}.npz")
+
+
+def _save_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  except OSError as e:  # a read-only reference directory: go on without the cache
+    logging.warning("Could not cache the reference features at %s (%s); use --cache_dir.", path, e)
+
+
+def reference_features(ref: str, extractor: FeatureExtractor, cache_dir: str | None = None) -> dict[str, np.ndarray]:
+  """The reference images' features for the metrics, computed once and cached.
+
+  Returns:
+    ``vgg_mu``, ``vgg_sigma`` and, with the Inception, ``pool`` (N, 2048) and the
+    statistics ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` computed here; empty when
+    the reference holds no images.
+  """
+  if "arr_0" not in _members(ref):
+    logging.warning("%s holds no reference images (arr_0): no fd_vgg16, precision or recall.", ref)
+    return {}
+  check_images(ref)
+  out: dict[str, np.ndarray] = {}
+  vgg_path = _cache_path(ref, cache_dir, "vgg16")
+  inc_path = (_cache_path(ref, cache_dir, "inception", extractor.inception_key, extractor.preprocess)
+              if extractor.has_inception else None)
+  for path in (vgg_path, inc_path):
+    if path and os.path.exists(path):
+      with np.load(path) as f:
+        out.update({k: f[k] for k in f.files})
+  need_vgg, need_inception = "vgg_mu" not in out, inc_path is not None and "pool" not in out
+  if need_vgg or need_inception:
+    feats = _features(ref, extractor, inception=need_inception)
+    if need_vgg:
+      vgg = {"vgg_mu": feats["stats"]["vgg16"].mu, "vgg_sigma": feats["stats"]["vgg16"].sigma}
+      _save_cache(vgg_path, vgg)
+      out.update(vgg)
+    if need_inception:
+      s = feats["stats"]
+      inc = {"pool": feats["pool"], "mu": s["pool"].mu, "sigma": s["pool"].sigma, "mu_s": s["spatial"].mu,
+             "sigma_s": s["spatial"].sigma}
+      _save_cache(inc_path, inc)
+      out.update(inc)
+  return out
+
+
+def _published_stats(ref: str) -> dict[str, np.ndarray]:
+  """The reference's precomputed statistics (ADM's ``mu``, ``sigma``, ``mu_s``, ``sigma_s``) that it holds."""
+  names = _members(ref)
+  with np.load(ref) as f:
+    return {k: f[k] for k in STATS if k in names}
+
+
+def evaluate(samples: str, ref: str, inception_dir: str | None = None, batch: int = 64,
+             cache_dir: str | None = None, preprocess: str = "adm") -> dict[str, Any]:
+  """The metrics of the sample batch ``samples`` against the reference batch ``ref`` (see the module doc).
+
+  Raises:
+    FileNotFoundError: for a missing file or converted directory.
+    ValueError: for a file that is not an ADM batch, or samples too few for the metrics.
+  """
+  n = check_images(samples)[0]
+  if n <= generative.PR_NEIGHBOURS:
+    raise ValueError(f"{samples} holds {n} images; the metrics need more than {generative.PR_NEIGHBOURS}.")
+  published = _published_stats(ref)
+  if "arr_0" not in _members(ref) and not published:
+    raise ValueError(f"{ref} holds neither reference images (arr_0) nor statistics ({', '.join(STATS)}).")
+  extractor = FeatureExtractor(inception_dir, batch, preprocess)
+  ref_feats = reference_features(ref, extractor, cache_dir)
+  feats = _features(samples, extractor)
+  out: dict[str, Any] = {"samples_npz": samples, "ref_npz": ref, "samples": n}
+  if "vgg_mu" in ref_feats:
+    vgg = feats["stats"]["vgg16"]
+    out["fd_vgg16"] = generative.frechet_distance(vgg.mu, vgg.sigma, ref_feats["vgg_mu"], ref_feats["vgg_sigma"])
+  if not extractor.has_inception:
+    return out
+  for name, (mu, sigma, stats) in {"fid": ("mu", "sigma", feats["stats"]["pool"]),
+                                   "sfid": ("mu_s", "sigma_s", feats["stats"]["spatial"])}.items():
+    ours = (ref_feats[mu], ref_feats[sigma]) if mu in ref_feats else None
+    theirs = (published[mu], published[sigma]) if mu in published and sigma in published else None
+    if theirs is None and ours is None:
+      logging.warning("%s holds neither %s / %s nor images to compute them from: no %s.", ref, mu, sigma, name)
+      continue
+    out[name] = generative.frechet_distance(stats.mu, stats.sigma, *(theirs or ours))  # ADM: the published first
+    if theirs is not None and ours is not None:
+      out[f"ref_check_{name}"] = generative.frechet_distance(*ours, *theirs)
+  if extractor.has_logits:
+    out["inception_score"] = generative.inception_score(feats["logits_unbiased"])
+  if "pool" in ref_feats:
+    out["precision"], out["recall"] = generative.precision_recall(ref_feats["pool"], feats["pool"])
+    out["reference_images"] = len(ref_feats["pool"])
+  out["inception_preprocess"] = preprocess
+  return out
+
+
+_PRINTED = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
+            ("recall", "Recall"), ("fd_vgg16", "fd_vgg16"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m ifsq_jax.tools.fid", description=__doc__.split("\n\n")[0])
+  parser.add_argument("samples", help="sample batch .npz (arr_0: uint8 N x H x W x 3)")
+  parser.add_argument("--ref", required=True, help="reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s)")
+  parser.add_argument("--inception", default=None, help="converted FID Inception dir (python -m ifsq_jax.convert "
+                                                         "inception); without it only fd_vgg16")
+  parser.add_argument("--batch", type=int, default=64, help="images per step (ADM: 64)")
+  parser.add_argument("--out", default=None, help="write the metrics as JSON here")
+  parser.add_argument("--cache_dir", default=None, help="where to cache the reference features (default: beside it)")
+  parser.add_argument("--preprocess", default="adm", choices=("adm", "pytorch_fid"),
+                      help="Inception input pipeline: adm (the TF graph's, default) or pytorch_fid")
+  args = parser.parse_args(argv)
+  if args.batch < 1:
+    parser.error(f"--batch={args.batch} must be >= 1")
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+  if not args.inception:
+    print(f"note: only fd_vgg16. {CONVERT_HINT}", file=sys.stderr)
+  try:
+    result = evaluate(args.samples, args.ref, args.inception, args.batch, args.cache_dir, args.preprocess)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if args.inception and "inception_score" not in result:
+    print(f"note: {args.inception} was converted without the classifier (fc), so no Inception Score; convert "
+          "the checkpoint again with `python -m ifsq_jax.convert inception`.", file=sys.stderr)
+  for key, label in _PRINTED:
+    if key in result:
+      print(f"{label}: {result[key]}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"Wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  host_memory.setup()  # before JAX's first computation; here, not in main(), which tests call in their process
+  sys.exit(main())
