@@ -132,7 +132,7 @@ class Generator:
       shape = (h, h, self.module.in_channels)
       noise = np.stack([np.random.default_rng([self.seed, int(i)]).standard_normal(shape, np.float32)
                         for i in indices])
-    with parallel.sharding_context(self.mesh, ()):
+    with parallel.sharding_context(self.mesh, parallel.DEFAULT_RULES):
       out = self._program(self.params, self.tok_vars, generator_lib.global_array(noise, self.mesh),
                           generator_lib.global_array(np.asarray(labels, np.int32), self.mesh), key)
     return fid.to_uint8(np.asarray(out))
