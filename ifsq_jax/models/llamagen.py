@@ -30,7 +30,7 @@ tokens of an image in raster order, prefixed by one class token.
   (289, 289)): a position's input embedding is the sum of its G sub-token
   embeddings ``emb_g``; the trunk's output h_n (before the final norm) starts a
   G-long mini-sequence ``[h_n, emb_0(x_n^0), ..., emb_{G-2}(x_n^{G-2})]`` that runs
-  through ``factorized_depth`` causal blocks (RoPE rows 0..G-1 of the same table:
+  through ``factorized_depth`` causal blocks (the trunk's dropout in training; RoPE rows 0..G-1 of the table:
   zeros, then the identity of grid cell (0, 0), ...), the shared final norm and
   head g on mini-position g. The logits are a tuple of G arrays.
 
@@ -38,8 +38,8 @@ Initialisation as the reference's: every linear kernel and embedding N(0, 0.02),
 zero biases, zero output heads, norm scales 1.
 
 Decoding with a KV cache (a Linen ``cache`` collection). The cache holds, per
-layer, ``attention/key`` and ``attention/value`` (B, N, K, d) in the compute dtype,
-preallocated for the whole sequence (stacked (L, B, N, K, d) under ``scan_layers``),
+layer, ``attention/key`` and ``attention/value`` (B, K, N, d) in the compute dtype,
+preallocated for the whole sequence (stacked (L, B, K, N, d) under ``scan_layers``),
 and one int32 scalar ``cache_index/index``: the next position to write. Shapes
 never change, so a sampler runs every step inside one ``lax.fori_loop``::
 
@@ -235,19 +235,25 @@ class Attention(nn.Module):
 
   def _cached(self, q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array) -> jax.Array:
     """Writes k, v (B, S, K, d) at [position, position + S) and attends over the cache up to each query."""
-    shape = (k.shape[0], self.cache_len) + k.shape[2:]
+    # Heads before positions, (B, K, N, d): the two attention products read the cache as stored. In the
+    # (B, N, K, d) layout of teacher forcing, every step would transpose (copy) the whole cache of every layer.
+    shape = (k.shape[0], k.shape[2], self.cache_len, k.shape[3])
     keys = self.variable("cache", "key", jnp.zeros, shape, self.dtype)
     values = self.variable("cache", "value", jnp.zeros, shape, self.dtype)
     if keys.value.shape != shape:
       raise ValueError(f"the KV cache holds {keys.value.shape[0]} sequences, not {shape[0]}; start with prefill "
                        "without a cache to allocate one of this batch size.")
-    start = (0, position, 0, 0)
-    keys.value = constrain(jax.lax.dynamic_update_slice(keys.value, k, start), (BATCH, None, HEADS, KV))
-    values.value = constrain(jax.lax.dynamic_update_slice(values.value, v, start), (BATCH, None, HEADS, KV))
+    start = (0, 0, position, 0)
+    write = lambda cache, x: constrain(jax.lax.dynamic_update_slice(cache, x.transpose(0, 2, 1, 3), start),
+                                       (BATCH, HEADS, None, KV))
+    keys.value, values.value = write(keys.value, k), write(values.value, v)
     # (S, N): query s (at position + s) sees every written position up to its own; the rest is stale or empty.
     mask = jnp.arange(self.cache_len)[None, :] <= position + jnp.arange(q.shape[1])[:, None]
-    # One query per step: XLA's kernel (cuDNN's fused attention is built for long query blocks).
-    return jax.nn.dot_product_attention(q, keys.value, values.value, mask=mask[None, None], implementation="xla")
+    scores = jnp.einsum("bskd,bknd->bksn", q, keys.value, preferred_element_type=jnp.float32)
+    scores = scores * (q.shape[-1] ** -0.5)
+    weights = jax.nn.softmax(jnp.where(mask[None, None], scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("bksn,bknd->bskd", weights.astype(self.dtype), values.value, preferred_element_type=jnp.float32)
+    return out.astype(self.dtype)
 
 
 class FeedForward(nn.Module):
@@ -466,13 +472,14 @@ class LlamaGen(nn.Module):
     groups = range(len(self.vocab_sizes)) if only is None else (only,)
     return tuple(constrain(self.output[g](h[:, :, g]), (BATCH, None, VOCAB)) for g in groups)
 
-  def _subtoken_logits(self, h: jax.Array, tokens: jax.Array, only: int | None = None) -> tuple[jax.Array, ...]:
+  def _subtoken_logits(self, h: jax.Array, tokens: jax.Array, only: int | None = None,
+                      train: bool = False) -> tuple[jax.Array, ...]:
     """Trunk output h (B, S, D) and sub-tokens (B, S, G) -> logits of each head (B, S, V_g) (or of head ``only``)."""
     b, s, width = h.shape
     groups = len(self.vocab_sizes)
     ctx = jnp.stack([h] + [self.embeddings[g](tokens[..., g]) for g in range(groups - 1)], axis=2)  # (B, S, G, D)
     ctx, _ = self._run(self.factorized_blocks, self.factorized_depth, ctx.reshape(b * s, groups, width),
-                       self._rope()[:groups], False, None, None)
+                       self._rope()[:groups], train, None, None)
     return self._heads(ctx.reshape(b, s, groups, width), only)
 
   def __call__(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False,
@@ -501,7 +508,7 @@ class LlamaGen(nn.Module):
     self.sow("intermediates", "embeddings", h)
     repa = bool(self.z_dim) and (return_repa or self.is_initializing())  # init creates the projector's params
     h, tap = self._run(self.layers, self.depth, h, self._rope()[:n], train, None, h if repa else None)
-    logits = self._subtoken_logits(h, tokens) if self.factorized else self._heads(h)[0]
+    logits = self._subtoken_logits(h, tokens, train=train) if self.factorized else self._heads(h)[0]
     if not repa:
       return logits
     z = self.projector(tap).astype(jnp.float32)
