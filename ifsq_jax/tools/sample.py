@@ -5,7 +5,7 @@ r"""Sample a trained generator (DiT or LlamaGen) in resumable shards, packed for
       [DiT: --steps 250 --method euler|heun --mode ode|sde --shift 0 --cfg_scale 1 --cfg_interval 0,1
             --cfg_channels 0 --latent_scale S]
       [LlamaGen: --cfg_scale 2 --cfg_interval 0,1 --temperature 1 --top_k 0 --top_p 1 --group_sizes 2,2]
-      [--num_processes P --process_id p]
+      [--num_processes P --process_id p] [--coordinator_address HOST:PORT|auto]
 
 ``--model`` is a training work dir (its EMA weights, tokenizer, latent scale and
 token groups are read from it) or a converted directory (then name the tokenizer,
@@ -34,7 +34,12 @@ the same images as one process would.
 Processes split the shards (process p writes shards p, p + P, ...); each samples
 on its own devices, so they need no coordinator. Process 0 waits for the others'
 shards and packs them. Under ``jax.distributed`` the process index and count are
-taken from JAX.
+taken from JAX: ``--coordinator_address HOST:PORT`` (with ``--num_processes`` and
+``--process_id``) initialises it, as ``ifsq_jax.main`` does, and
+``--coordinator_address auto`` lets JAX detect a TPU pod or SLURM job. Processes
+that finish first wait for the rest in JAX's shutdown barrier, for up to
+``SHUTDOWN_WAIT_S`` (JAX's default of 5 minutes could end them with a timeout
+error while process 0 still samples its last shard and packs).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from ifsq_jax.train import generator as generator_lib
 
 LABEL_KINDS = ("balanced", "uniform")
 META = "meta.json"
+SHUTDOWN_WAIT_S = 6 * 3600  # JAX's default (300 s) is shorter than a shard of a large model plus the packing
 
 
 def shard_name(shard: int, count: int) -> str:
@@ -263,6 +269,17 @@ def pack(out: str, num: int, shard_size: int) -> str:
   return name
 
 
+def initialize_distributed(coordinator_address: str, num_processes: int | None, process_id: int | None) -> None:
+  """``jax.distributed.initialize`` at ``coordinator_address`` (``auto``: detected from the cluster)."""
+  if coordinator_address == "auto":
+    jax.distributed.initialize(shutdown_timeout_seconds=SHUTDOWN_WAIT_S)
+  else:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               shutdown_timeout_seconds=SHUTDOWN_WAIT_S)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def _floats(text: str) -> tuple[float, ...]:
   return tuple(float(x) for x in text.split(","))
 
@@ -297,11 +314,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--group_sizes", type=_ints, default=(), help="LlamaGen: FSQ index groups, e.g. 2,2")
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--coordinator_address", default=None,
+                      help="host:port of process 0: start jax.distributed (with --num_processes and --process_id); "
+                           "'auto' detects a TPU pod or SLURM job")
   parser.add_argument("--max_shards", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  num_processes = args.num_processes or jax.process_count()
-  process_id = jax.process_index() if args.process_id is None else args.process_id
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # imports set a handler
+  if args.coordinator_address:
+    if args.coordinator_address != "auto" and (args.num_processes is None or args.process_id is None):
+      parser.error(f"--coordinator_address={args.coordinator_address} needs --num_processes and --process_id "
+                   "(or --coordinator_address=auto on a TPU pod or SLURM job).")
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    num_processes, process_id = jax.process_count(), jax.process_index()
+  else:
+    num_processes = args.num_processes or jax.process_count()
+    process_id = jax.process_index() if args.process_id is None else args.process_id
   problems = [f"{name}={value} must be >= 1" for name, value in
               (("--num", args.num), ("--batch", args.batch), ("--shard_size", args.shard_size),
                ("--steps", args.steps), ("--num_processes", num_processes)) if value < 1]

@@ -1,14 +1,41 @@
-"""In-training evaluation of a generator's samples: ``fd_vgg16`` always, FID when Inception weights are given.
+"""In-training evaluation of a generator's samples, with the functions of ``python -m ifsq_jax.tools.fid``.
 
 Generated images are compared with the center crops of the first
-``data.eval_examples`` validation images (their statistics computed once), or
-with a reference statistics file (``eval.fid_reference``, e.g. ADM's
-``VIRTUAL_imagenet256_labeled.npz``, for FID). ``fd_vgg16`` (VGG16 features that
-ship with the package) is not FID and is not comparable with it; it tracks
-progress where no Inception weights can be had.
+``data.eval_examples`` validation images (their features computed once), or,
+for FID and sFID, with a reference statistics file (``eval.fid_reference``,
+e.g. ADM's ``VIRTUAL_imagenet256_labeled.npz``). Logged metrics:
+
+* ``fd_vgg16``, always: VGG16 features that ship with the package. It tracks
+  progress where no Inception weights can be had; it is not FID and is not
+  comparable with it.
+* With Inception weights (``eval.inception_path``, a directory of ``python -m
+  ifsq_jax.convert inception``), as ADM's evaluator computes them
+  (``ifsq_jax.eval.generative``):
+
+  - ``fid``: pool features, against the reference file's ``mu`` / ``sigma``
+    when one is given, else against the crops.
+  - ``sfid``: spatial features, against the reference file's ``mu_s`` /
+    ``sigma_s`` when it holds them (ADM's files do), else against the crops.
+  - ``inception_score``: the classifier without its bias, in
+    :func:`inception_score_split` splits. Weights converted without the
+    classifier give no score (logged).
+  - ``precision`` / ``recall``: k = 3 manifolds of the pool features of the
+    samples and the crops; skipped (logged) with fewer than 4 of either.
+
+Preprocessing is the tool's, on purpose: samples are rounded to uint8 as
+``python -m ifsq_jax.tools.sample`` saves them (``fid.to_uint8``), and so are
+the crops, as the images of ADM's reference batches are; both go through
+``tools.fid.FeatureExtractor`` with ``preprocess="adm"`` (the TF graph's
+resize and scaling that made ADM's published statistics). So a number logged
+here is the number ``tools.fid`` gives for the same images, and a published
+reference is compared with features made the same way. (Earlier versions fed
+float images through pytorch-fid's resize; FID against ADM's statistics then
+carried the difference between the two pipelines.)
 
 Images are (N, H, W, 3) floats in [-1, 1]; every process holds all N (the
 samples are small), and every process computes the same numbers.
+
+N samples, D feature width.
 """
 
 from __future__ import annotations
@@ -16,37 +43,50 @@ from __future__ import annotations
 import functools
 import logging
 
-import jax
 import ml_collections
 import numpy as np
 
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.data import sources, transforms
-from ifsq_jax.eval import fid
+from ifsq_jax.eval import fid, generative
+from ifsq_jax.tools import fid as fid_tool
 
-_BATCH = 32
+BATCH = 32  # images per feature step (padded to it: one compiled shape)
+
+
+def inception_score_split(n: int) -> int:
+  """Split size for the Inception Score of n samples: ``n // 5000`` near-equal splits, at least one.
+
+  ADM scores splits of 5000 (ten for the paper's 50,000); n a multiple of 5000
+  gives exactly those. Otherwise the splits are as equal as they can be, so
+  none is a short remainder (a split of one sample scores 1 whatever the
+  model), and fewer than 10,000 samples make one split of all n.
+  """
+  if n < 1:
+    raise ValueError(f"n={n} samples; the Inception Score needs at least 1.")
+  splits = max(1, n // generative.IS_SPLIT)
+  return -(-n // splits)
 
 
 class SampleEvaluator:
-  """Scores generated images against the validation split.
+  """Scores generated images against the validation split (see the module doc).
 
   Args:
     config: The run's config (``data.*`` and ``eval.inception_path`` /
       ``eval.fid_reference``).
+    batch: Images per feature step.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, batch: int = BATCH):
     self.config = config
-    path = config.eval.inception_path
-    self._inception = None
-    if path:
-      from ifsq_jax.convert import inception  # pylint: disable=g-import-not-at-top
-      module, variables = inception.load(path)
-      self._inception = jax.jit(lambda x: module.apply(variables, (x + 1) / 2))
+    self.extractor = fid_tool.FeatureExtractor(config.eval.inception_path or None, batch, preprocess="adm")
+    if self.extractor.has_inception and not self.extractor.has_logits:
+      logging.warning("%s was converted without the classifier (fc): no inception_score. Convert the checkpoint "
+                      "again with `python -m ifsq_jax.convert inception`.", config.eval.inception_path)
 
   @functools.cached_property
-  def _real(self) -> dict[str, fid.FeatureStats]:
-    """Feature statistics of the validation crops (read on first use)."""
+  def _real(self) -> dict[str, object]:
+    """Features of the validation crops (read on first use)."""
     d = self.config.data
     source = pipeline_lib.build_source(d, d.eval_split)
     n = min(len(source), d.eval_examples)
@@ -59,26 +99,65 @@ class SampleEvaluator:
     if len(images) < 2:
       raise ValueError(f"the sample evaluation needs at least 2 validation images; {d.eval_split!r} gave "
                        f"{len(images)} of config.data.eval_examples={d.eval_examples}.")
-    return self._stats(np.stack(images))
+    return self.features(np.stack(images))
 
-  def _stats(self, images: np.ndarray) -> dict[str, fid.FeatureStats]:
-    out = {"vgg16": fid.FeatureStats(512)}
-    if self._inception is not None:
-      out["inception"] = fid.FeatureStats(2048)
-    for start in range(0, len(images), _BATCH):
-      x = np.asarray(images[start:start + _BATCH], np.float32)
-      out["vgg16"].update(fid.vgg16_features(x))
-      if self._inception is not None:
-        out["inception"].update(np.asarray(self._inception(x)))
+  def features(self, images: np.ndarray) -> dict[str, object]:
+    """Features of (N, H, W, 3) images in [-1, 1], as the tool computes them from the saved uint8 images.
+
+    Returns:
+      ``FeatureStats`` of ``vgg16`` and, with the Inception, of ``pool`` and
+      ``spatial``, plus the arrays ``pool_features`` (N, 2048) and ``logits``
+      (N, 1008; the classifier without its bias, when the weights hold it).
+    """
+    stats: dict[str, fid.FeatureStats] = {}
+    kept: dict[str, list[np.ndarray]] = {"pool": [], "logits_unbiased": []}
+    step = self.extractor.batch
+    for start in range(0, len(images), step):
+      feats = self.extractor(fid.to_uint8(images[start:start + step]))
+      for name in ("vgg16", "pool", "spatial"):
+        if name in feats:
+          stats.setdefault(name, fid.FeatureStats(feats[name].shape[1])).update(feats[name])
+      for name, parts in kept.items():
+        if name in feats:
+          parts.append(feats[name])
+    out: dict[str, object] = dict(stats)
+    if kept["pool"]:
+      out["pool_features"] = np.concatenate(kept["pool"])
+    if kept["logits_unbiased"]:
+      out["logits"] = np.concatenate(kept["logits_unbiased"])
+    return out
+
+  def _reference(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"pool": (mu, sigma), "spatial": (mu_s, sigma_s)}, each from ``eval.fid_reference`` if it holds them."""
+    real = self._real
+    out = {name: (real[name].mu, real[name].sigma) for name in ("pool", "spatial")}
+    path = self.config.eval.fid_reference
+    if path:
+      out["pool"] = fid.load_stats(path)
+      with np.load(path, allow_pickle=False) as f:
+        if "mu_s" in f.files and "sigma_s" in f.files:
+          out["spatial"] = (f["mu_s"], f["sigma_s"])
     return out
 
   def score(self, images: np.ndarray) -> dict[str, float]:
-    """``fd_vgg16`` (and ``fid``) of generated images (N, H, W, 3) in [-1, 1], N >= 2."""
-    images = np.clip(np.asarray(images, np.float32), -1, 1)
-    fake = self._stats(images)
-    out = {"fd_vgg16": fid.fd_vgg16(fake["vgg16"], self._real["vgg16"]), "samples": float(len(images))}
-    if self._inception is not None:
-      ref = self.config.eval.fid_reference
-      mu, sigma = fid.load_stats(ref) if ref else (self._real["inception"].mu, self._real["inception"].sigma)
-      out["fid"] = fid.frechet_distance(fake["inception"].mu, fake["inception"].sigma, mu, sigma)
+    """The metrics of the module doc for generated images (N, H, W, 3) in [-1, 1], N >= 2."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or len(images) < 2:
+      raise ValueError(f"the sample evaluation needs (N, H, W, 3) images with N >= 2, got {images.shape}.")
+    fake, real = self.features(images), self._real
+    out = {"fd_vgg16": fid.fd_vgg16(fake["vgg16"], real["vgg16"]), "samples": float(len(images))}
+    if not self.extractor.has_inception:
+      return out
+    reference = self._reference()
+    for metric, name in (("fid", "pool"), ("sfid", "spatial")):
+      out[metric] = generative.frechet_distance(fake[name].mu, fake[name].sigma, *reference[name])
+    if "logits" in fake:
+      out["inception_score"] = generative.inception_score(fake["logits"], inception_score_split(len(images)))
+    k = generative.PR_NEIGHBOURS
+    n_real, n_fake = len(real["pool_features"]), len(images)
+    if min(n_real, n_fake) <= k:
+      logging.warning("No precision / recall: the k=%d nearest-neighbour manifolds need at least %d real and %d "
+                      "generated images, got %d and %d.", k, k + 1, k + 1, n_real, n_fake)
+    else:
+      out["precision"], out["recall"] = generative.precision_recall(real["pool_features"], fake["pool_features"])
     return out
