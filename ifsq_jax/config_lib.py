@@ -125,6 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.slices = 1  # TPU slices (multislice): the data axis is split over them (parallel.make_mesh)
   c.mesh.rules = parallel.DEFAULT_RULES
 
   c.train = ml_collections.ConfigDict()
@@ -273,6 +274,8 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
     shape = parallel.mesh_shape(m.data, m.fsdp, m.tensor, device_count)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  _require(m.slices >= 1 and shape["data"] % m.slices == 0,
+           f"config.mesh.slices={m.slices} must be >= 1 and divide the data axis ({shape['data']} of mesh {shape}).")
   batch_devices = shape["data"] * shape["fsdp"]
   _require(t.global_batch_size % t.grad_accum_steps == 0,
            f"config.train.global_batch_size={t.global_batch_size} must divide into "

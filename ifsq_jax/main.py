@@ -2,8 +2,10 @@ r"""Entry point: ``python -m ifsq_jax.main --config=configs/<name>.py[:variant] 
 
 Overrides: ``--config.train.num_steps=10``. ``--compile_only`` validates the
 config, compiles every train step the run would use on the devices at hand,
-prints their memory per device (arguments, outputs, temporaries) and exits
-without touching the work dir. The same command runs on every host
+prints their memory per device (arguments, outputs, temporaries) and FLOPs and
+exits without touching the work dir or reading any weights; with
+``--topology=v5e:4x4`` (v4, v5e, v5p, v6e) it compiles for that TPU slice
+instead, on any host with the ``tpu`` extra installed. The same command runs on every host
 of a multi-host job: ``jax.distributed`` is initialised when
 ``--num_processes`` > 1 is given (with ``--coordinator_address`` and
 ``--process_id``), or automatically on a Cloud TPU pod / SLURM job
@@ -20,7 +22,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from ifsq_jax import checkpoint, config_lib, data, parallel
+from ifsq_jax import checkpoint, config_lib, data, parallel, topology
 from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.train import loop, registry
 
@@ -34,12 +36,16 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process 
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
 flags.DEFINE_bool("compile_only", False, "Compile every train step, print its memory per device and exit; "
                   "writes nothing.")
+flags.DEFINE_string("topology", None, "With --compile_only: compile for this TPU topology instead of the devices "
+                    "at hand, e.g. v4:2x2x2, v5e:4x4, v5p:2x2x4, v6e:8x8 (needs the tpu extra).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _on_cluster() -> bool:
+  """A Cloud TPU VM (its workers are found through the VM's metadata), a SLURM job of several tasks, or an
+  explicit coordinator in the environment."""
   env = os.environ
-  return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(",") or int(env.get("SLURM_NTASKS", "1")) > 1
+  return bool(topology.on_tpu_vm() or env.get("TPU_WORKER_HOSTNAMES", "").count(",") or int(env.get("SLURM_NTASKS", "1")) > 1
               or env.get("JAX_COORDINATOR_ADDRESS"))
 
 
@@ -62,28 +68,55 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.topology and not FLAGS.compile_only:
+    raise app.UsageError("--topology compiles for a TPU slice elsewhere; it needs --compile_only.")
   host_memory.setup()  # before JAX starts its threads and reads XLA_FLAGS
   for handler in logging.getLogger().handlers:
     handler.addFilter(_quiet_orbax)
-  initialize_distributed()
+  if FLAGS.topology:
+    jax.config.update("jax_platforms", "cpu")  # the host only compiles; libtpu is not to look for a local TPU
+  else:
+    initialize_distributed()
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
                jax.devices())
   config = FLAGS.config
   try:
     task = registry.get(config.task)
     if FLAGS.compile_only:
-      memory = loop.compile_steps(task.TRAINER, config, schema=task.default_config())
-      m = config.mesh
-      shape = parallel.mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count())
-      print(f"Compiled train steps of {config.task!r}, mesh {shape} on {jax.device_count()} "
-            f"{jax.devices()[0].platform} devices:")
-      print(loop.memory_table(memory))
+      compile_only(task, config, FLAGS.topology)
       return
     task.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as e:
     sys.exit(f"Invalid config: {e}")
-  except (data.DataError, checkpoint.CheckpointError, loop.NonFiniteError) as e:
+  except (data.DataError, checkpoint.CheckpointError, loop.NonFiniteError, loop.DoesNotFit) as e:
     sys.exit(f"{type(e).__name__}: {e}")
+
+
+def compile_only(task, config, topology_name: str | None) -> None:
+  """Compiles the run's train steps (on ``topology_name``'s TPU chips if given) and prints their cost."""
+  if topology_name:
+    try:
+      devices = topology.devices(topology_name, config.mesh.slices)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    generation = topology.parse(topology_name)[0]
+    where = (f"TPU {topology_name}{f' x {config.mesh.slices} slices' if config.mesh.slices > 1 else ''} "
+             f"({len(devices)} chips, {len({d.process_index for d in devices})} hosts)")
+  else:
+    devices = jax.devices()
+    where = f"{len(devices)} {devices[0].platform} devices"
+  memory = loop.compile_steps(task.TRAINER, config, schema=task.default_config(), devices=devices)
+  m = config.mesh
+  shape = parallel.mesh_shape(m.data, m.fsdp, m.tensor, len(devices))
+  print(f"Compiled train steps of {config.task!r}, global batch {config.train.global_batch_size}, mesh {shape} "
+        f"on {where}:")
+  print(loop.memory_table(memory))
+  peak = max(r.peak for r in memory)
+  print(f"Largest peak: {peak / 2**30:.2f} GiB per device.")
+  if topology_name:
+    hbm = topology.HBM_GIB[generation]
+    verdict = "fits" if peak <= hbm * 2**30 else "does NOT fit"
+    print(f"{verdict} in the {hbm} GiB of HBM of a {generation} chip.")
 
 
 def run():

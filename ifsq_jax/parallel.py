@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -77,13 +78,32 @@ def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> dict[str
   return sizes
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with explicit ``AxisType.Auto`` axes."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None,
+              slices: int = 1) -> Mesh:
+  """A (data, fsdp, tensor) mesh with explicit ``AxisType.Auto`` axes.
+
+  With ``slices`` > 1 (multislice: TPU slices joined by the data-centre network),
+  the ``data`` axis is split over the slices and fsdp / tensor stay inside each
+  one, so only the gradient all-reduce crosses slices
+  (``mesh_utils.create_hybrid_device_mesh``). Devices that all report one slice
+  (CPU, GPU) are grouped by process instead.
+  """
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(data, fsdp, tensor, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if slices < 1 or sizes["data"] % slices:
+    raise ValueError(f"mesh.slices={slices} must be >= 1 and divide the data axis ({sizes['data']}); the fsdp and "
+                     "tensor axes stay inside a slice.")
+  per_slice = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+  by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1  # CPU / GPU: no slices to tell
+  try:
+    array = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices, process_is_granule=by_process)
+  except ValueError as e:
+    raise ValueError(f"mesh.slices={slices} does not fit the devices: {e}") from None
+  return Mesh(array, MESH_AXES, axis_types=auto)
 
 
 def parse_rules(rules: Sequence[Sequence[Any]]) -> dict[str, tuple[str, ...]]:
@@ -162,6 +182,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   rules = {name: (() if a is None else (a,) if isinstance(a, str) else tuple(a))
            for name, a in nn.get_logical_axis_rules()}
   return jax.lax.with_sharding_constraint(x, _mesh_spec(P(*axes), x.shape, mesh, rules))
+
+
+def platform() -> str:
+  """The platform being traced for: the devices of the mesh in context, else JAX's default backend.
+
+  Under the mesh of a TPU topology compiled on a CPU host it is ``'tpu'``, so
+  CPU-only kernels stay out of that program.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -7,6 +7,7 @@ import tempfile
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")  # libtpu (the tpu extra, for topology compiles) is not to look for a TPU
 from ifsq_jax.kernels.cpu import host_memory  # noqa: E402
 
 host_memory.use_memory_scheduler()  # as the entry points compile

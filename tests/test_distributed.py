@@ -29,7 +29,8 @@ def test_two_processes_log_the_same_losses_as_one(tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
 
   work = tmp_path / "two"
-  procs = _two_processes(work, *FLAGS)
+  # The data axis split over two "slices" (here the processes, as on a multislice TPU job).
+  procs = _two_processes(work, *FLAGS, "--config.mesh.slices=2")
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]

@@ -18,8 +18,9 @@ this processor (oneDNN 3.2 builds no bfloat16 convolution without AVX-512; see
 :func:`ifsq_jax.kernels.cpu.onednn.build_error`) runs as ``"xla"``, with one
 logged warning per dtype: a config that asks for oneDNN still runs everywhere.
 
-The choice is made when a function is traced, from the field and the shapes;
-nothing global is read.
+The choice is made when a function is traced, from the field, the shapes and
+the platform traced for (:func:`ifsq_jax.parallel.platform`: the mesh's devices,
+so a TPU topology compiled on a CPU host gets XLA's convolutions).
 
 :class:`Conv` is ``nn.Conv(features, (k, k), strides, padding)`` with the same
 parameter names and shapes; its parameters carry logical axis names
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from ifsq_jax.kernels.cpu import conv_grad, onednn
+from ifsq_jax import parallel
 from ifsq_jax.parallel import CONV_IN, CONV_OUT, KERNEL_H, KERNEL_W
 
 IMPLS = ("auto", "xla", "onednn")
@@ -87,13 +89,13 @@ def _onednn_runs(impl: str, x: jax.Array, kernel: jax.Array, stride: int, pads) 
   """Whether this convolution goes to oneDNN (``impl`` "auto" or "onednn"); raises for an impossible "onednn"."""
   explicit = impl == "onednn"
   if explicit:
-    if jax.default_backend() != "cpu":
-      raise RuntimeError(f"conv impl='onednn' runs on the CPU backend only, not {jax.default_backend()!r}; "
+    if parallel.platform() != "cpu":
+      raise RuntimeError(f"conv impl='onednn' runs on the CPU backend only, not {parallel.platform()!r}; "
                          "use impl='auto' or 'xla'.")
     if not onednn.load():
       raise RuntimeError(f"conv impl='onednn': oneDNN convolutions are not available here "
                          f"({onednn.unavailable_reason()}); use impl='auto' or 'xla'.")
-  elif not onednn.usable():
+  elif parallel.platform() != "cpu" or not onednn.usable():
     return False
   dtype = jnp.dtype(x.dtype)
   if dtype != kernel.dtype or dtype not in onednn.DTYPES:
@@ -131,7 +133,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = 
   pads = _pads(x.shape, kernel.shape, stride, padding)
   if impl != "xla" and _onednn_runs(impl, x, kernel, stride, pads):
     return onednn.conv(x, kernel, stride, pads)
-  if jax.default_backend() == "cpu":
+  if parallel.platform() == "cpu":
     return conv_grad.conv(x, kernel, stride, pads)
   return conv_grad.xla_conv(x, kernel, stride, pads)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from ifsq_jax import config_lib
+from ifsq_jax import config_lib, shapes_only
 from ifsq_jax.convert import tokenizer as tokenizer_convert
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 
@@ -63,7 +63,14 @@ def load_tokenizer(path: str, dtype: Any = jnp.float32, ema: bool = True) -> Loa
   generator weights), and the architecture from the config saved with that step
   (else the work dir's ``config.json``). Configs of older versions load: fields
   they lack take their defaults.
+
+  Inside :func:`ifsq_jax.shapes_only.enabled` only the architecture is read (``path``
+  may also be a tokenizer config file) and the variables are shapes.
   """
+  if shapes_only.active():
+    config = _architecture(path)
+    x = jnp.zeros((1, config.resolution, config.resolution, 3), jnp.float32)
+    return LoadedTokenizer(config, {"params": shapes_only.init_shapes(Tokenizer(config).init, x)["params"]}, dtype)
   root = epath.Path(path)
   if tokenizer_convert.exists(str(root)):
     config, variables = tokenizer_convert.load(str(root))
@@ -85,6 +92,26 @@ def load_tokenizer(path: str, dtype: Any = jnp.float32, ema: bool = True) -> Loa
   if not ema:
     params = params["gen"]
   return LoadedTokenizer(model_config(config), {"params": jax.device_get(params)}, dtype)
+
+
+def _architecture(path: str) -> TokenizerConfig:
+  """The architecture of a tokenizer config file, converted directory or work dir (no weights read)."""
+  if shapes_only.is_config_file(path):
+    config = shapes_only.load_config_file(path)
+    if config.get("task") != "tokenizer":
+      raise ValueError(f"{path} is a {config.get('task')!r} config, not a tokenizer's.")
+    return model_config(config)
+  root = epath.Path(path)
+  workdir = next((d for d in (root, root.parent, root.parent.parent) if (d / "config.json").exists()), None)
+  if workdir is None:
+    raise FileNotFoundError(f"{path} is neither a tokenizer config file, work dir (config.json + checkpoints/), a "
+                            "checkpoint of one, nor a converted directory (python -m ifsq_jax.convert tokenizer).")
+  saved = json.loads((workdir / "config.json").read_text())
+  if saved.get("kind") == "tokenizer":  # a converted directory
+    return tokenizer_convert.cfg_from_json(saved["model"])
+  if saved.get("task") != "tokenizer":
+    raise ValueError(f"{workdir} holds a {saved.get('task') or saved.get('kind')!r} run, not a tokenizer.")
+  return model_config(ml_collections.ConfigDict(saved))
 
 
 def model_config(config: ml_collections.ConfigDict) -> TokenizerConfig:

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ifsq_jax import shapes_only
+
 TARGETS = ("none", "dinov2", "vgg16")
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -98,8 +100,26 @@ class RepaTarget:
 
 def _dinov2(path: str) -> RepaTarget:
   from ifsq_jax.convert import dinov2 as dinov2_convert  # pylint: disable=g-import-not-at-top
+  return _dinov2_target(*dinov2_convert.load(path))
+
+
+def _dinov2_shapes(path: str) -> RepaTarget:
+  """The DINOv2 target with parameter shapes only: the architecture of ``path``'s config.json, else B/14."""
   from ifsq_jax.nets import dinov2  # pylint: disable=g-import-not-at-top
-  module, variables = dinov2_convert.load(path)
+  config = {}
+  if path:
+    if not os.path.exists(os.path.join(path, "config.json")):
+      raise ValueError(f"{path} holds no converted DINOv2 config.json; leave config.repa.path empty to compile "
+                       "with DINOv2-B/14's shapes.")
+    with open(os.path.join(path, "config.json")) as f:
+      config = {k: v for k, v in json.load(f).items() if k != "kind"}
+  module = dinov2.DinoV2(dinov2.DinoConfig(**config))
+  x = jnp.zeros((1, 2 * module.cfg.patch, 2 * module.cfg.patch, 3), jnp.float32)
+  return _dinov2_target(module, shapes_only.init_shapes(module.init, x))
+
+
+def _dinov2_target(module: Any, variables: Any) -> RepaTarget:
+  from ifsq_jax.nets import dinov2  # pylint: disable=g-import-not-at-top
   patch = module.cfg.patch
 
   def features(params, images, grid):
@@ -129,6 +149,8 @@ def load_target(name: str, path: str = "") -> RepaTarget | None:
   if name == "vgg16":
     return _vgg16()
   if name == "dinov2":
+    if shapes_only.active():
+      return _dinov2_shapes(path)
     if not path:
       raise ValueError("the dinov2 REPA target needs converted DINOv2 weights: set config.repa.path to the output "
                        "of `python -m ifsq_jax.convert dinov2 --checkpoint dinov2_vitb14.pth --out DIR`, or use "

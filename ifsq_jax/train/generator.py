@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ifsq_jax import config_lib, parallel
+from ifsq_jax import config_lib, parallel, shapes_only
 from ifsq_jax.models.pretrained import LoadedTokenizer, load_tokenizer
 from ifsq_jax.nets import repa
 from ifsq_jax.train import loop, sample_eval
@@ -69,8 +69,9 @@ def validate_generator(config: ml_collections.ConfigDict, depth: int) -> None:
   m, r = config.model, config.repa
   if not config.tokenizer:
     raise _error("config.tokenizer is empty: name a tokenizer work dir or converted directory (for the "
-                 f"quickstart tokenizer: {MAKE_QUICKSTART_TOKENIZER}).")
-  if r.target == "dinov2" and not r.path:
+                 f"quickstart tokenizer: {MAKE_QUICKSTART_TOKENIZER}; with --compile_only, a tokenizer config "
+                 "file such as configs/ifsq_f16_d4.py also does).")
+  if r.target == "dinov2" and not r.path and not shapes_only.active():
     raise _error("config.repa.path is empty: the dinov2 REPA target needs converted DINOv2 weights "
                  "(python -m ifsq_jax.convert dinov2 --checkpoint dinov2_vitb14.pth --out DIR); "
                  "config.repa.target='vgg16' ships with the package, 'none' turns REPA off.")

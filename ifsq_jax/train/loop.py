@@ -40,7 +40,7 @@ import numpy as np
 from clu import parameter_overview
 from etils import epath
 
-from ifsq_jax import checkpoint, config_lib, multihost, parallel
+from ifsq_jax import checkpoint, config_lib, flops, multihost, parallel, shapes_only
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.train import state as state_lib
 from ifsq_jax.train import writers
@@ -139,9 +139,13 @@ class Trainer:
     return []
 
 
+class DoesNotFit(RuntimeError):
+  """A step's compiled program needs more device memory than a device has (XLA's RESOURCE_EXHAUSTED)."""
+
+
 @dataclasses.dataclass
 class StepMemory:
-  """Per-device memory of one compiled step (bytes), from XLA's memory analysis."""
+  """Per-device memory (bytes, XLA's memory analysis) and FLOPs of one compiled step."""
 
   kind: str
   arguments: int
@@ -149,6 +153,7 @@ class StepMemory:
   aliased: int
   temporaries: int
   code: int
+  flops: float = 0.0  # matmul and convolution FLOPs of the step / devices (ifsq_jax.flops; 0: not counted)
 
   @property
   def peak(self) -> int:
@@ -157,19 +162,19 @@ class StepMemory:
 
 
 def memory_table(rows: list[StepMemory]) -> str:
-  """The compiled steps' memory as a text table (MiB per device)."""
+  """The compiled steps' memory (MiB per device) and TFLOPs per device and step, as a text table."""
   mib = lambda b: f"{b / 2**20:,.1f}"
-  lines = ["step kind | arguments | outputs | aliased | temporaries | peak | code  [MiB per device]"]
+  lines = ["step kind | arguments | outputs | aliased | temporaries | peak | code  [MiB per device] | TFLOPs"]
   for r in rows:
     lines.append(f"{r.kind} | {mib(r.arguments)} | {mib(r.outputs)} | {mib(r.aliased)} | {mib(r.temporaries)} | "
-                 f"{mib(r.peak)} | {mib(r.code)}")
+                 f"{mib(r.peak)} | {mib(r.code)} | {r.flops / 1e12:,.3f}")
   return "\n".join(lines)
 
 
-def _memory(kind: str, compiled) -> StepMemory:
+def _memory(kind: str, compiled, step_flops: float) -> StepMemory:
   m = compiled.memory_analysis()
   return StepMemory(kind, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
-                    int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes))
+                    int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes), step_flops)
 
 
 class _Steps:
@@ -180,15 +185,21 @@ class _Steps:
   """
 
   def __init__(self, fns: dict[str, StepFn], kinds: list[str], shardings: Any, mesh, rules, seed: int,
-               abstract_args: tuple, run_id: int):
+               abstract_args: tuple, run_id: int, count_flops: bool = False):
     self.compiled = {}
     self.memory: list[StepMemory] = []
     with parallel.sharding_context(mesh, rules):
       for kind in kinds:
         jitted = _jit_step(fns[kind], shardings, mesh, seed)
+        step_flops = flops.count(jitted, *abstract_args) / mesh.size if count_flops else 0.0
         start = time.time()
-        self.compiled[kind] = jitted.lower(*abstract_args).compile()
-        self.memory.append(_memory(kind, self.compiled[kind]))
+        try:
+          self.compiled[kind] = jitted.lower(*abstract_args).compile()
+        except jax.errors.JaxRuntimeError as e:
+          if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+          raise DoesNotFit(f"the {kind!r} step does not fit in device memory: {str(e).splitlines()[0]}") from None
+        self.memory.append(_memory(kind, self.compiled[kind], step_flops))
         logging.info("Compiled step %r in %.1f s", kind, time.time() - start)
     multihost.barrier(f"ifsq_jax/compiled/{run_id}")
 
@@ -254,21 +265,35 @@ def compile_steps(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
                   schema: ml_collections.ConfigDict | None = None, devices: list | None = None) -> list[StepMemory]:
   """Validates ``config`` and compiles every step kind of a run from step 0; writes nothing.
 
+  Frozen networks are opened as shapes only (:mod:`ifsq_jax.shapes_only`): no
+  weights are read. ``devices`` may be another machine's, e.g. the compile-only
+  devices of a TPU topology (:mod:`ifsq_jax.topology`).
+
   Returns:
-    The per-device memory of each compiled step (``--compile_only`` prints it).
+    The per-device memory and FLOPs of each compiled step (``--compile_only`` prints them).
   """
   devices = list(jax.devices() if devices is None else devices)
-  validate(trainer_cls, config, schema, len(devices))
   m = config.mesh
-  mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor, devices)
-  trainer = trainer_cls(config, mesh)
+  with shapes_only.enabled():
+    validate(trainer_cls, config, schema, len(devices), len({d.process_index for d in devices}))
+    mesh = _mesh(m, devices)
+    trainer = trainer_cls(config, mesh)
   init_key, _ = jax.random.split(jax.random.key(config.seed))
   shardings, abstract = abstract_state(trainer, init_key, mesh, m.rules)
-  frozen = jax.eval_shape(trainer.frozen)
+  replicated = parallel.replicated(mesh)
+  frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), trainer.frozen())
   kinds = _kinds_used(trainer, list(trainer.train_steps()), 0, config.train.num_steps)
-  args = (abstract, _abstract_batch(trainer, mesh),
-          jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), frozen))
-  return _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, config.seed, args, run_id=-1).memory
+  args = (abstract, _abstract_batch(trainer, mesh), frozen)
+  return _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, config.seed, args, run_id=-1,
+                count_flops=True).memory
+
+
+def _mesh(m: ml_collections.ConfigDict, devices: list) -> jax.sharding.Mesh:
+  """The mesh of ``config.mesh`` over ``devices``; a ConfigError says why it cannot be built."""
+  try:
+    return parallel.make_mesh(m.data, m.fsdp, m.tensor, devices, m.slices)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.mesh: {e}") from None
 
 
 def _abstract_batch(trainer: Trainer, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -277,9 +302,10 @@ def _abstract_batch(trainer: Trainer, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def validate(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
-             schema: ml_collections.ConfigDict | None, device_count: int) -> None:
+             schema: ml_collections.ConfigDict | None, device_count: int, process_count: int | None = None) -> None:
   """The shared checks, then the task's own: one ConfigError naming the key, before anything compiles."""
-  config_lib.validate(config, schema if schema is not None else config, device_count, jax.process_count())
+  process_count = jax.process_count() if process_count is None else process_count
+  config_lib.validate(config, schema if schema is not None else config, device_count, process_count)
   trainer_cls.validate(config)
 
 
@@ -303,7 +329,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   workdir.mkdir(parents=True, exist_ok=True)
   _write_config(workdir, config)
   m = config.mesh
-  mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor, devices)
+  mesh = _mesh(m, devices)
   logging.info("Process %d of %d; %d local / %d global devices; mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
   trainer = trainer_cls(config, mesh)

@@ -37,6 +37,10 @@ import importlib.util
 import os
 import sys
 
+import jax
+
+from ifsq_jax import topology
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
@@ -58,8 +62,9 @@ def use_memory_scheduler() -> bool:
 
   XLA reads ``XLA_FLAGS`` once, at its first computation: call this before. An
   ``XLA_FLAGS`` that already sets the option is left as it is, and so is a
-  process that will run on an accelerator (``JAX_PLATFORMS`` names another
-  platform first, or it is unset and a TPU or GPU plugin is installed).
+  process that will run on an accelerator (``JAX_PLATFORMS`` or
+  ``jax.config.jax_platforms`` names another platform first, or neither is set
+  and a GPU plugin is installed, or libtpu on a host with TPU chips).
 
   Returns:
     Whether the flag was added.
@@ -72,11 +77,12 @@ def use_memory_scheduler() -> bool:
 
 
 def _runs_on_cpu() -> bool:
-  platforms = os.environ.get("JAX_PLATFORMS", "")
+  platforms = os.environ.get("JAX_PLATFORMS", "") or (jax.config.jax_platforms or "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
   plugins = importlib.metadata.entry_points(group="jax_plugins")
-  return not plugins and importlib.util.find_spec("libtpu") is None
+  # libtpu alone (the tpu extra on a host without TPU chips, to compile for TPU topologies) runs on the CPU.
+  return not plugins and (importlib.util.find_spec("libtpu") is None or not topology.on_tpu_vm())
 
 
 def from_env() -> bool:

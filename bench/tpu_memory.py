@@ -1,0 +1,114 @@
+r"""Per-chip memory of the paper's runs on TPU slices, compiled ahead of time on this host.
+
+  pip install -e ".[tpu]"
+  python bench/tpu_memory.py [--models dit_l1,llamagen_l] [--topologies v5e:4x4] [--out table.md]
+
+For each model and topology the real train step (frozen tokenizer and DINOv2
+inside it, as the configs train) is compiled by libtpu for that slice, with
+every parameter, gradient and optimizer state sharded over all chips (mesh
+``data=1, fsdp=chips``), at the paper's global batch (one micro-batch). Printed:
+the peak memory per chip at that batch (or the compiler's out-of-memory verdict),
+and the largest per-chip batch: peak memory is affine in the batch, so two
+compiles (at one example per chip and at the paper's batch, or two examples when
+that does not fit) give the line; ``--verify`` compiles the predicted batch too
+and steps down until it fits. Nothing runs on a TPU; no weights are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+
+import jax
+
+from ifsq_jax import shapes_only, topology
+from ifsq_jax.train import loop, registry
+
+TOKENIZER = "configs/ifsq_f16_d4.py"
+MODELS = {  # name: (config file, overrides)
+    "tokenizer": (TOKENIZER, {"loss.disc_start": 0}),  # the GAN phase: discriminator and G+GAN steps
+    "dit_l1": ("configs/dit_l2.py", {}),
+    "dit_xl2": ("configs/dit_l2.py:model=XL,patch=2", {}),
+    "llamagen_l": ("configs/llamagen_l.py", {}),
+    "llamagen_xl": ("configs/llamagen_l.py:model=XL", {}),
+}
+TOPOLOGIES = ("v4:2x2x2", "v5e:4x4", "v5p:2x2x2")
+
+
+def _config(model: str, per_chip: int, chips: int):
+  path, overrides = MODELS[model]
+  c = shapes_only.load_config_file(path)
+  if c.task != "tokenizer":
+    c.tokenizer = TOKENIZER
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    c[group][name] = value
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, chips, 1
+  c.train.global_batch_size = per_chip * chips
+  c.train.grad_accum_steps = 1
+  c.train.num_steps = 1000
+  return c
+
+
+def _compile(model: str, per_chip: int, devices: list) -> tuple[loop.StepMemory | None, float]:
+  """(the step with the largest peak, or None when it does not fit; GiB of temporaries the compiler asked for)."""
+  c = _config(model, per_chip, len(devices))
+  task = registry.get(c.task)
+  try:
+    rows = loop.compile_steps(task.TRAINER, c, schema=task.default_config(), devices=devices)
+  except loop.DoesNotFit as e:
+    needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
+    return None, float(needed.group(1)) if needed else math.inf
+  return max(rows, key=lambda r: r.peak), 0.0
+
+
+def _cell(model: str, name: str, verify: bool) -> str:
+  """One row of the table: ``model`` on topology ``name``."""
+  devices = topology.devices(name)
+  chips, hbm = len(devices), topology.HBM_GIB[topology.parse(name)[0]]
+  paper = shapes_only.load_config_file(MODELS[model][0]).train.global_batch_size
+  per_chip = max(1, paper // chips)
+  one, _ = _compile(model, 1, devices)
+  if one is None:
+    return f"| {model} | {name} ({chips}, fsdp={chips}) | {paper} ({per_chip}) | does not fit at 1 | 0 | |"
+  gib = lambda b: b / 2**30
+  fixed = gib(one.peak - one.temporaries)  # state and batch: the temporaries grow with the batch
+  b2 = per_chip if per_chip > 1 else 2
+  row, needed = _compile(model, b2, devices)
+  peak2 = gib(row.peak) if row is not None else fixed + needed
+  slope = (peak2 - gib(one.peak)) / (b2 - 1)
+  largest = max(1, math.floor(1 + (hbm - gib(one.peak)) / slope)) if slope > 0 else b2
+  if verify:
+    while largest > 1 and _compile(model, largest, devices)[0] is None:
+      largest = math.floor(largest * 0.9)
+  at_paper = (f"{peak2:.1f} GiB" if row is not None else f"~{peak2:.0f} GiB: does not fit") if b2 == per_chip else ""
+  tflops = one.flops * per_chip / 1e12
+  return (f"| {model} | {name} ({chips}, fsdp={chips}) | {paper} ({per_chip}) | {at_paper} | "
+          f"{largest}{'' if verify else ' (linear fit)'} | {tflops:.2f} |")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+  parser.add_argument("--verify", action="store_true", help="compile the predicted largest batch too")
+  parser.add_argument("--out", default="", help="also write the table (markdown) here")
+  args = parser.parse_args()
+  jax.config.update("jax_platforms", "cpu")
+  lines = ["| model | TPU (chips, mesh) | paper global batch (per chip) | peak per chip at it | "
+           "largest per-chip batch | TFLOPs per chip and step (paper batch) |", "|" + "---|" * 6]
+  print("\n".join(lines), flush=True)
+  for name in args.topologies.split(","):
+    for model in args.models.split(","):
+      start = time.time()
+      lines.append(_cell(model, name, args.verify))
+      print(lines[-1], f"  [{time.time() - start:.0f} s]", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()
