@@ -7,11 +7,12 @@ For each model and topology the real train step (frozen tokenizer and DINOv2
 inside it, as the configs train) is compiled by libtpu for that slice, with
 every parameter, gradient and optimizer state sharded over all chips (mesh
 ``data=1, fsdp=chips``), at the paper's global batch (one micro-batch). Printed:
-the peak memory per chip at that batch (or the compiler's out-of-memory verdict),
-and the largest per-chip batch: peak memory is affine in the batch, so two
-compiles (at one example per chip and at the paper's batch, or two examples when
-that does not fit) give the line; ``--verify`` compiles the predicted batch too
-and steps down until it fits. Nothing runs on a TPU; no weights are needed.
+the peak memory per chip at that batch (where it does not fit: the temporaries
+the compiler asked for plus the state), and the largest per-chip batch: peak
+memory is about affine in the batch, so two compiles (one example per chip and
+the paper's batch) give the line; ``--verify`` compiles the predicted batch too
+and steps down until it fits. FLOPs are counted on the step's jaxpr
+(:mod:`ifsq_jax.flops`). Nothing runs on a TPU; no weights are needed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ MODELS = {  # name: (config file, overrides)
     "llamagen_l": ("configs/llamagen_l.py", {}),
     "llamagen_xl": ("configs/llamagen_l.py:model=XL", {}),
 }
-TOPOLOGIES = ("v4:2x2x2", "v5e:4x4", "v5p:2x2x2")
+TOPOLOGIES = ("v5e:4x4", "v5p:2x2x2", "v4:2x2x2")
 
 
 def _config(model: str, per_chip: int, chips: int):
@@ -53,7 +54,10 @@ def _config(model: str, per_chip: int, chips: int):
 
 
 def _compile(model: str, per_chip: int, devices: list) -> tuple[loop.StepMemory | None, float]:
-  """(the step with the largest peak, or None when it does not fit; GiB of temporaries the compiler asked for)."""
+  """(the step with the largest peak, or None when the compiler refuses it; GiB of temporaries it asked for).
+
+  The compiler checks the temporaries; a returned step may still not fit once its arguments are counted.
+  """
   c = _config(model, per_chip, len(devices))
   task = registry.get(c.task)
   try:
@@ -81,9 +85,11 @@ def _cell(model: str, name: str, verify: bool) -> str:
   slope = (peak2 - gib(one.peak)) / (b2 - 1)
   largest = max(1, math.floor(1 + (hbm - gib(one.peak)) / slope)) if slope > 0 else b2
   if verify:
-    while largest > 1 and _compile(model, largest, devices)[0] is None:
+    fits = lambda r: r is not None and gib(r.peak) <= hbm
+    while largest > 1 and not fits(_compile(model, largest, devices)[0]):
       largest = math.floor(largest * 0.9)
-  at_paper = (f"{peak2:.1f} GiB" if row is not None else f"~{peak2:.0f} GiB: does not fit") if b2 == per_chip else ""
+  verdict = "" if row is not None and peak2 <= hbm else ": does not fit"
+  at_paper = f"{'' if row is not None else '~'}{peak2:.1f} GiB{verdict}" if b2 == per_chip else ""
   tflops = one.flops * per_chip / 1e12
   return (f"| {model} | {name} ({chips}, fsdp={chips}) | {paper} ({per_chip}) | {at_paper} | "
           f"{largest}{'' if verify else ' (linear fit)'} | {tflops:.2f} |")

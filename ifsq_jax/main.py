@@ -30,7 +30,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory: config.json, metrics.jsonl, checkpoints/, tensorboard/.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "jax.distributed: 'auto' initialises it for --num_processes > 1, on TPU pods and in SLURM jobs.")
+                  "jax.distributed: 'auto' initialises it for --num_processes > 1, on Cloud TPU VMs and in SLURM "
+                  "jobs.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
@@ -45,8 +46,8 @@ def _on_cluster() -> bool:
   """A Cloud TPU VM (its workers are found through the VM's metadata), a SLURM job of several tasks, or an
   explicit coordinator in the environment."""
   env = os.environ
-  return bool(topology.on_tpu_vm() or env.get("TPU_WORKER_HOSTNAMES", "").count(",") or int(env.get("SLURM_NTASKS", "1")) > 1
-              or env.get("JAX_COORDINATOR_ADDRESS"))
+  return bool(topology.on_tpu_vm() or env.get("TPU_WORKER_HOSTNAMES", "").count(",")
+              or int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("JAX_COORDINATOR_ADDRESS"))
 
 
 def initialize_distributed() -> None:

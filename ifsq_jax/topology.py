@@ -26,8 +26,9 @@ _DIMS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
 
 
 def on_tpu_vm() -> bool:
-  """Whether this host has TPU chips (a Cloud TPU VM): their device files exist."""
-  return os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
+  """Whether this is a TPU host: libtpu is installed and TPU chips' device files exist."""
+  chips = os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
+  return chips and importlib.util.find_spec("libtpu") is not None
 
 
 def parse(name: str) -> tuple[str, tuple[int, ...]]:

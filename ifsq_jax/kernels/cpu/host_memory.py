@@ -82,7 +82,7 @@ def _runs_on_cpu() -> bool:
     return platforms.split(",")[0].strip() == "cpu"
   plugins = importlib.metadata.entry_points(group="jax_plugins")
   # libtpu alone (the tpu extra on a host without TPU chips, to compile for TPU topologies) runs on the CPU.
-  return not plugins and (importlib.util.find_spec("libtpu") is None or not topology.on_tpu_vm())
+  return not plugins and not topology.on_tpu_vm()
 
 
 def from_env() -> bool:
