@@ -80,6 +80,8 @@ def load_tokenizer(path: str, dtype: Any = jnp.float32, ema: bool = True) -> Loa
     raise FileNotFoundError(f"{path} is neither a tokenizer work dir (config.json + checkpoints/), a checkpoint of "
                             "one, nor a converted directory (python -m ifsq_jax.convert tokenizer).")
   run_config = json.loads((workdir / "config.json").read_text())
+  if run_config.get("kind") == "tokenizer":
+    raise FileNotFoundError(f"{workdir} holds a converted tokenizer's config.json but no params.safetensors.")
   if run_config.get("task") != "tokenizer":
     raise ValueError(f"{workdir} holds a {run_config.get('task')!r} run, not a tokenizer.")
   # Imported here: Orbax is needed only for work dirs.
