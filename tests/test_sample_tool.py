@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 
@@ -92,35 +91,6 @@ def test_two_processes_split_the_shards_and_match_one(dirs, tmp_path):
   np.testing.assert_array_equal(labels_two, labels_one)
   np.testing.assert_array_equal(two, one)
   assert len({im.tobytes() for im in two}) == 20
-
-
-def test_two_processes_under_jax_distributed_write_what_one_process_writes(dirs, tmp_path):
-  """Coordinator on 127.0.0.1, 4 CPU devices per process; the process index and count come from JAX."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = {**subprocess_env(4), "PYTHONPATH": str(REPO)}
-  dit_args = ("--latent_scale", "1.5", "--steps", "3", "--mode", "sde", "--cfg_scale", "1.5")
-  command = [sys.executable, "-m", "ifsq_jax.tools.sample"]
-  procs = [subprocess.Popen([*command, *_args(dirs / "dit", tmp_path / "two", dirs / "tok", *dit_args),
-                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={p}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
-  procs.append(subprocess.Popen([*command, *_args(dirs / "dit", tmp_path / "one", dirs / "tok", *dit_args)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  for p in (0, 1):
-    assert f"jax.distributed: process {p} of 2, 4 local / 8 global devices" in outs[p], outs[p][-3000:]
-  assert "Process 1 of 2: 1 of its 1 shards to write" in outs[1]  # shard 1; process 0 writes shards 0 and 2
-  assert "Process 0 of 1: 3 of its 3 shards" in outs[2]
-  for name in ("samples_20x32x32x3.npz", *(sample.shard_name(s, 3) for s in range(3))):
-    assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
-  with np.load(tmp_path / "two" / sample.shard_name(1, 3)) as d:
-    from_1 = {im.tobytes() for im in d["arr_0"]}
-  two, _ = _packed(tmp_path / "two")
-  from_0 = {im.tobytes() for im in two} - from_1
-  assert len(from_1) == 8 and len(from_0) == 12  # no image of one process repeats in the other's, or its own
 
 
 def test_bad_input_is_refused_with_the_reason(dirs, tmp_path, capsys):
