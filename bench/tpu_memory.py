@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 import time
 
 import jax
@@ -60,16 +61,24 @@ def _compile(model: str, per_chip: int, devices: list) -> tuple[loop.StepMemory 
   """
   c = _config(model, per_chip, len(devices))
   task = registry.get(c.task)
+  start = time.time()
+  took = lambda: f"[{time.time() - start:.0f} s]"
   try:
     rows = loop.compile_steps(task.TRAINER, c, schema=task.default_config(), devices=devices)
   except loop.DoesNotFit as e:
     needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
+    print(f"  {model}, {per_chip} per chip: refused, {needed.group(1) if needed else '?'} GiB of temporaries "
+          f"{took()}", file=sys.stderr, flush=True)
     return None, float(needed.group(1)) if needed else math.inf
-  return max(rows, key=lambda r: r.peak), 0.0
+  finally:
+    jax.clear_caches()  # a tokenizer compile holds 13-21 GiB of host memory: one at a time
+  step = max(rows, key=lambda r: r.peak)
+  print(f"  {model}, {per_chip} per chip: peak {step.peak / 2**30:.2f} GiB {took()}", file=sys.stderr, flush=True)
+  return step, 0.0
 
 
-def _cell(model: str, name: str, verify: bool) -> str:
-  """One row of the table: ``model`` on topology ``name``."""
+def _cell(model: str, name: str, verify: bool, fit_at: int = 0) -> str:
+  """One row of the table: ``model`` on topology ``name``; ``fit_at``: the second per-chip batch of the fit."""
   devices = topology.devices(name)
   chips, hbm = len(devices), topology.HBM_GIB[topology.parse(name)[0]]
   paper = shapes_only.load_config_file(MODELS[model][0]).train.global_batch_size
@@ -79,7 +88,7 @@ def _cell(model: str, name: str, verify: bool) -> str:
     return f"| {model} | {name} ({chips}, fsdp={chips}) | {paper} ({per_chip}) | does not fit at 1 | 0 | |"
   gib = lambda b: b / 2**30
   fixed = gib(one.peak - one.temporaries)  # state and batch: the temporaries grow with the batch
-  b2 = per_chip if per_chip > 1 else 2
+  b2 = fit_at or (per_chip if per_chip > 1 else 2)
   row, needed = _compile(model, b2, devices)
   peak2 = gib(row.peak) if row is not None else fixed + needed
   slope = (peak2 - gib(one.peak)) / (b2 - 1)
@@ -88,8 +97,12 @@ def _cell(model: str, name: str, verify: bool) -> str:
     fits = lambda r: r is not None and gib(r.peak) <= hbm
     while largest > 1 and not fits(_compile(model, largest, devices)[0]):
       largest = math.floor(largest * 0.9)
-  verdict = "" if row is not None and peak2 <= hbm else ": does not fit"
-  at_paper = f"{'' if row is not None else '~'}{peak2:.1f} GiB{verdict}" if b2 == per_chip else ""
+  if b2 == per_chip:
+    verdict = "" if row is not None and peak2 <= hbm else ": does not fit"
+    at_paper = f"{'' if row is not None else '~'}{peak2:.1f} GiB{verdict}"
+  else:  # the paper's batch from the fit
+    at_paper_gib = gib(one.peak) + slope * (per_chip - 1)
+    at_paper = f"~{at_paper_gib:.1f} GiB (fit){': does not fit' if at_paper_gib > hbm else ''}"
   tflops = one.flops * per_chip / 1e12
   return (f"| {model} | {name} ({chips}, fsdp={chips}) | {paper} ({per_chip}) | {at_paper} | "
           f"{largest}{'' if verify else ' (linear fit)'} | {tflops:.2f} |")
@@ -100,8 +113,13 @@ def main() -> None:
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
   parser.add_argument("--verify", action="store_true", help="compile the predicted largest batch too")
+  parser.add_argument("--fit_at", type=int, default=0,
+                      help="the second per-chip batch of the fit (default: the paper's); a smaller one compiles "
+                           "with less host memory")
   parser.add_argument("--out", default="", help="also write the table (markdown) here")
   args = parser.parse_args()
+  if args.fit_at < 0 or args.fit_at == 1:
+    parser.error(f"--fit_at={args.fit_at} is not valid: 0 (the paper's batch) or a per-chip batch >= 2")
   jax.config.update("jax_platforms", "cpu")
   lines = ["| model | TPU (chips, mesh) | paper global batch (per chip) | peak per chip at it | "
            "largest per-chip batch | TFLOPs per chip and step (paper batch) |", "|" + "---|" * 6]
@@ -109,7 +127,7 @@ def main() -> None:
   for name in args.topologies.split(","):
     for model in args.models.split(","):
       start = time.time()
-      lines.append(_cell(model, name, args.verify))
+      lines.append(_cell(model, name, args.verify, args.fit_at))
       print(lines[-1], f"  [{time.time() - start:.0f} s]", flush=True)
   if args.out:
     with open(args.out, "w") as f:
