@@ -25,7 +25,7 @@ def fsq_and_latent(draw):
   return fsq, z
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(fsq_and_latent())
 def test_codes_keep_shape_stay_in_range_and_roundtrip(case):
   fsq, z = case
@@ -44,7 +44,7 @@ def test_codes_keep_shape_stay_in_range_and_roundtrip(case):
   np.testing.assert_array_equal(np.asarray(fsq.indices_to_codes(idx)), codes)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(levels_st, st.floats(0.1, 4.0))
 def test_quantization_is_monotone_in_each_channel(levels, alpha):
   fsq = FSQ(levels, alpha=alpha)
