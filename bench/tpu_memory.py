@@ -66,10 +66,10 @@ def _compile(model: str, per_chip: int, devices: list) -> tuple[loop.StepMemory 
   try:
     rows = loop.compile_steps(task.TRAINER, c, schema=task.default_config(), devices=devices)
   except loop.DoesNotFit as e:
-    needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
-    print(f"  {model}, {per_chip} per chip: refused, {needed.group(1) if needed else '?'} GiB of temporaries "
-          f"{took()}", file=sys.stderr, flush=True)
-    return None, float(needed.group(1)) if needed else math.inf
+    found = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
+    needed = float(found.group(1)) if found else math.inf
+    print(f"  {model}, {per_chip} per chip: refused, {needed} GiB of temporaries {took()}", file=sys.stderr, flush=True)
+    return None, needed
   finally:
     jax.clear_caches()  # a tokenizer compile holds 13-21 GiB of host memory: one at a time
   step = max(rows, key=lambda r: r.peak)
