@@ -10,8 +10,9 @@ every parameter, gradient and optimizer state sharded over all chips (mesh
 the peak memory per chip at that batch (where it does not fit: the temporaries
 the compiler asked for plus the state), and the largest per-chip batch: peak
 memory is about affine in the batch, so two compiles (one example per chip and
-the paper's batch) give the line; ``--verify`` compiles the predicted batch too
-and steps down until it fits. FLOPs are counted on the step's jaxpr
+the paper's batch) give the line; ``--verify`` compiles the predicted batch and
+the next one, and searches on (:func:`ifsq_jax.topology.largest_fitting`) until
+the largest batch that fits is one that compiles and fits, with one more not. FLOPs are counted on the step's jaxpr
 (:mod:`ifsq_jax.flops`). Nothing runs on a TPU; no weights are needed.
 """
 
@@ -93,10 +94,12 @@ def _cell(model: str, name: str, verify: bool, fit_at: int = 0) -> str:
   peak2 = gib(row.peak) if row is not None else fixed + needed
   slope = (peak2 - gib(one.peak)) / (b2 - 1)
   largest = max(1, math.floor(1 + (hbm - gib(one.peak)) / slope)) if slope > 0 else b2
-  if verify:
-    fits = lambda r: r is not None and gib(r.peak) <= hbm
-    while largest > 1 and not fits(_compile(model, largest, devices)[0]):
-      largest = math.floor(largest * 0.9)
+  if verify:  # compiled: the fitted batch fits and one more does not (else a search around it)
+    known = {1: one, b2: row}
+    def fits(b: int) -> bool:
+      r = known[b] if b in known else _compile(model, b, devices)[0]
+      return r is not None and gib(r.peak) <= hbm
+    largest = topology.largest_fitting(fits, largest)
   if b2 == per_chip:
     verdict = "" if row is not None and peak2 <= hbm else ": does not fit"
     at_paper = f"{'' if row is not None else '~'}{peak2:.1f} GiB{verdict}"
@@ -105,14 +108,15 @@ def _cell(model: str, name: str, verify: bool, fit_at: int = 0) -> str:
     at_paper = f"~{at_paper_gib:.1f} GiB (fit){': does not fit' if at_paper_gib > hbm else ''}"
   tflops = one.flops * per_chip / 1e12
   return (f"| {model} | {name} ({chips}, fsdp={chips}) | {paper} ({per_chip}) | {at_paper} | "
-          f"{largest}{'' if verify else ' (linear fit)'} | {tflops:.2f} |")
+          f"{largest}{' (compiled)' if verify else ' (linear fit)'} | {tflops:.2f} |")
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
-  parser.add_argument("--verify", action="store_true", help="compile the predicted largest batch too")
+  parser.add_argument("--verify", action="store_true",
+                      help="compile the predicted largest batch and one more (and search on where the fit is off)")
   parser.add_argument("--fit_at", type=int, default=0,
                       help="the second per-chip batch of the fit (default: the paper's); a smaller one compiles "
                            "with less host memory")

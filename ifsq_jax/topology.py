@@ -18,7 +18,7 @@ import importlib.util
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 # HBM per chip (GiB), from Cloud TPU's system-architecture pages.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -70,3 +70,29 @@ def devices(name: str, num_slices: int = 1) -> list[Any]:
   if num_slices > 1:
     options["num_slices"] = num_slices
   return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **options).devices)
+
+
+def largest_fitting(fits: Callable[[int], bool], guess: int) -> int:
+  """The largest batch ``b >= 1`` with ``fits(b)``, searched from ``guess``; 0 when 1 does not fit.
+
+  Memory grows with the batch, so ``fits`` is taken to be true up to some batch and false above it. Steps
+  away from ``guess`` double until a fitting and a failing batch bracket the answer, then the bracket is
+  bisected: a good guess costs two calls (``guess`` fits, ``guess + 1`` does not).
+  """
+  guess = max(1, guess)
+  lo, hi = (guess, None) if fits(guess) else (None, guess)
+  step = 1
+  while lo is None:
+    if hi == 1:
+      return 0
+    candidate = max(1, hi - step)
+    lo, hi = (candidate, hi) if fits(candidate) else (None, candidate)
+    step *= 2
+  while hi is None:
+    candidate = lo + step
+    lo, hi = (candidate, None) if fits(candidate) else (lo, candidate)
+    step *= 2
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo

@@ -92,6 +92,22 @@ def test_paper_generators_compile_for_16_chips_with_their_state_sharded(config_f
   assert 6 * per_token * tokens * 4 < row.flops < 1.25 * 8 * per_token * tokens * 4, (row.flops, per_token)
 
 
+@pytest.mark.parametrize("limit", [0, 1, 2, 7, 50, 51, 64, 300])
+@pytest.mark.parametrize("guess", [1, 2, 40, 50, 63])
+def test_largest_fitting_batch_is_found_from_any_guess_without_asking_twice(limit, guess):
+  asked = []
+
+  def fits(batch):
+    asked.append(batch)
+    return batch <= limit
+
+  assert topology.largest_fitting(fits, guess) == limit
+  assert len(asked) == len(set(asked)) and min(asked) >= 1
+  if guess == limit >= 1:
+    assert asked == [limit, limit + 1]  # a right guess: itself and one more
+  assert len(asked) <= 2 * math.ceil(math.log2(abs(limit - guess) + 2)) + 2
+
+
 def test_multislice_splits_the_data_axis_over_slices():
   devices = topology.devices("v5e:2x2", num_slices=2)
   assert len(devices) == 8 and sorted({d.slice_index for d in devices}) == [0, 1]
