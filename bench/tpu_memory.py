@@ -11,9 +11,10 @@ the peak memory per chip at that batch (where it does not fit: the temporaries
 the compiler asked for plus the state), and the largest per-chip batch: peak
 memory is about affine in the batch, so two compiles (one example per chip and
 the paper's batch) give the line; ``--verify`` compiles the predicted batch and
-the next one, and searches on (:func:`ifsq_jax.topology.largest_fitting`) until
-the largest batch that fits is one that compiles and fits, with one more not. FLOPs are counted on the step's jaxpr
-(:mod:`ifsq_jax.flops`). Nothing runs on a TPU; no weights are needed.
+the next one, searching on (:func:`ifsq_jax.topology.largest_fitting`) where the
+fit was off, so the batch reported fits and one more does not. FLOPs are counted
+on the step's jaxpr (:mod:`ifsq_jax.flops`). Nothing runs on a TPU; no weights
+are needed.
 """
 
 from __future__ import annotations
