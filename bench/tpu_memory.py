@@ -11,8 +11,9 @@ the peak memory per chip at that batch (where it does not fit: the temporaries
 the compiler asked for plus the state), and the largest per-chip batch: peak
 memory is about affine in the batch, so two compiles (one example per chip and
 the paper's batch) give the line; ``--verify`` compiles the predicted batch and
-the next one, searching on (:func:`ifsq_jax.topology.largest_fitting`) where the
-fit was off, so the batch reported fits and one more does not. FLOPs are counted
+the next one, searching on (:func:`ifsq_jax.topology.largest_fitting`, each batch
+read off the line through the nearest compiled peaks) where the fit was off, so
+the batch reported fits and one more does not. FLOPs are counted
 on the step's jaxpr (:mod:`ifsq_jax.flops`). Nothing runs on a TPU; no weights
 are needed.
 """
@@ -95,12 +96,12 @@ def _cell(model: str, name: str, verify: bool, fit_at: int = 0) -> str:
   peak2 = gib(row.peak) if row is not None else fixed + needed
   slope = (peak2 - gib(one.peak)) / (b2 - 1)
   largest = max(1, math.floor(1 + (hbm - gib(one.peak)) / slope)) if slope > 0 else b2
-  if verify:  # compiled: the fitted batch fits and one more does not (else a search around it)
-    known = {1: one, b2: row}
-    def fits(b: int) -> bool:
-      r = known[b] if b in known else _compile(model, b, devices)[0]
-      return r is not None and gib(r.peak) <= hbm
-    largest = topology.largest_fitting(fits, largest)
+  if verify:  # compiled: the batch reported fits and one more does not
+    known = {b: gib(r.peak) if r is not None else math.inf for b, r in ((1, one), (b2, row))}
+    def peak(b: int) -> float:
+      r = _compile(model, b, devices)[0]
+      return gib(r.peak) if r is not None else math.inf
+    largest = topology.largest_fitting(peak, hbm, largest, known=known)
   if b2 == per_chip:
     verdict = "" if row is not None and peak2 <= hbm else ": does not fit"
     at_paper = f"{'' if row is not None else '~'}{peak2:.1f} GiB{verdict}"

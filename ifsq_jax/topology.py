@@ -18,7 +18,7 @@ import importlib.util
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 # HBM per chip (GiB), from Cloud TPU's system-architecture pages.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -72,27 +72,53 @@ def devices(name: str, num_slices: int = 1) -> list[Any]:
   return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **options).devices)
 
 
-def largest_fitting(fits: Callable[[int], bool], guess: int) -> int:
-  """The largest batch ``b >= 1`` with ``fits(b)``, searched from ``guess``; 0 when 1 does not fit.
+def largest_fitting(peak: Callable[[int], float], limit: float, guess: int,
+                    known: Mapping[int, float] | None = None) -> int:
+  """The largest batch ``b >= 1`` with ``peak(b) <= limit``, searched from ``guess``; 0 when 1 does not fit.
 
-  Memory grows with the batch, so ``fits`` is taken to be true up to some batch and false above it. Steps
-  away from ``guess`` double until a fitting and a failing batch bracket the answer, then the bracket is
-  bisected: a good guess costs two calls (``guess`` fits, ``guess + 1`` does not).
+  ``peak(b)`` is the memory a batch needs (``math.inf`` where the compiler refuses it), taken to grow with the
+  batch; ``known`` holds peaks already measured. After ``guess``, each batch is read off the line through the
+  two known peaks nearest the limit, so an about-linear peak costs two calls from a good guess (``guess`` fits,
+  ``guess + 1`` does not) and few from a poor one. Against a peak far from linear the search stays logarithmic:
+  steps out of a one-sided bracket at least double (and up, at most double the batch), and where the line
+  moved the same end of the bracket twice running, the next batch is the bracket's middle (unless the line
+  reads next to an end: that one is tried once first).
   """
-  guess = max(1, guess)
-  lo, hi = (guess, None) if fits(guess) else (None, guess)
-  step = 1
-  while lo is None:
-    if hi == 1:
-      return 0
-    candidate = max(1, hi - step)
-    lo, hi = (candidate, hi) if fits(candidate) else (None, candidate)
-    step *= 2
-  while hi is None:
-    candidate = lo + step
-    lo, hi = (candidate, None) if fits(candidate) else (lo, candidate)
-    step *= 2
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return lo
+  peaks = dict(known or {})
+
+  def line(a: int, b: int) -> int | None:  # the batch at which the line through a's and b's peaks meets the limit
+    pa, pb = peaks[a], peaks[b]
+    if not (math.isfinite(pa) and math.isfinite(pb)) or (pb - pa) * (b - a) <= 0:
+      return None
+    return math.floor(a + (limit - pa) * (b - a) / (pb - pa))
+
+  batch, step = max(1, guess), 1
+  by_line, moved = False, []  # moved: for each step by the line inside a bracket, whether its batch fitted
+  probed = False  # the last step tried the batch next to an end that the line read
+  while True:
+    if batch not in peaks:
+      peaks[batch] = peak(batch)
+    if by_line:
+      moved.append(peaks[batch] <= limit)
+    lo = max((b for b, p in peaks.items() if p <= limit), default=0)
+    hi = min((b for b, p in peaks.items() if p > limit and b > lo), default=None)
+    if hi is not None and hi - lo <= 1:
+      return lo
+    finite = sorted(b for b, p in peaks.items() if math.isfinite(p))
+    by_line = False
+    if hi is None:  # all fit so far: up by the line (at most doubling the batch), or by a step that doubles
+      read = line(*finite[-2:]) if len(finite) > 1 else None
+      probe = read is not None and read <= lo and not probed
+      batch, step, probed = lo + 1 if probe else max(lo + step, min(read or 0, 2 * lo)), step * 2, probe
+    elif lo == 0:  # none fits so far: down by the line, at least doubling the step
+      read = line(*finite[:2]) if len(finite) > 1 else None
+      batch, step = max(1, min(hi if read is None else read, hi - step)), step * 2
+    else:  # bracketed: by the line, or the middle where the line creeps
+      read = line(lo, hi)
+      read = None if read is None else min(max(read, lo + 1), hi - 1)
+      creeping = moved[-2:] in ([True, True], [False, False])
+      probe = creeping and read in (lo + 1, hi - 1) and not probed
+      if read is None or (creeping and not probe):
+        batch, moved, probed = (lo + hi) // 2, [], False
+      else:
+        batch, by_line, probed = read, True, probe
