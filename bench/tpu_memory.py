@@ -71,10 +71,11 @@ def _compile(model: str, per_chip: int, devices: list) -> tuple[loop.StepMemory 
   except loop.DoesNotFit as e:
     found = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
     needed = float(found.group(1)) if found else math.inf
-    print(f"  {model}, {per_chip} per chip: refused, {needed} GiB of temporaries {took()}", file=sys.stderr, flush=True)
+    why = f"{needed} GiB of temporaries" if found else str(e)
+    print(f"  {model}, {per_chip} per chip: refused, {why} {took()}", file=sys.stderr, flush=True)
     return None, needed
   finally:
-    jax.clear_caches()  # a tokenizer compile holds 13-21 GiB of host memory: one at a time
+    jax.clear_caches()  # a tokenizer compile holds up to 23 GiB of host memory: one at a time
   step = max(rows, key=lambda r: r.peak)
   print(f"  {model}, {per_chip} per chip: peak {step.peak / 2**30:.2f} GiB {took()}", file=sys.stderr, flush=True)
   return step, 0.0
@@ -104,7 +105,7 @@ def _cell(model: str, name: str, verify: bool, fit_at: int = 0) -> str:
     largest = topology.largest_fitting(peak, hbm, largest, known=known)
   if b2 == per_chip:
     verdict = "" if row is not None and peak2 <= hbm else ": does not fit"
-    at_paper = f"{'' if row is not None else '~'}{peak2:.1f} GiB{verdict}"
+    at_paper = f"{'' if row is not None else '~'}{peak2:.1f} GiB{verdict}" if math.isfinite(peak2) else "refused"
   else:  # the paper's batch from the fit
     at_paper_gib = gib(one.peak) + slope * (per_chip - 1)
     at_paper = f"~{at_paper_gib:.1f} GiB (fit){': does not fit' if at_paper_gib > hbm else ''}"
