@@ -57,10 +57,12 @@ def _config(model: str, per_chip: int, chips: int):
   return c
 
 
-def _compile(model: str, per_chip: int, devices: list) -> tuple[loop.StepMemory | None, float]:
-  """(the step with the largest peak, or None when the compiler refuses it; GiB of temporaries it asked for).
+def _compile(model: str, per_chip: int, devices: list, fixed: float = 0.0) -> tuple[loop.StepMemory | None, float]:
+  """(the step with the largest peak, or None when the compiler refuses it; then the GiB per chip it asked for).
 
-  The compiler checks the temporaries; a returned step may still not fit once its arguments are counted.
+  A refusal names either the temporaries (to which ``fixed``, the GiB of state and batch, is added) or the
+  memory used in all; ``math.inf`` when it names neither. The compiler checks the temporaries; a returned step
+  may still not fit once its arguments are counted.
   """
   c = _config(model, per_chip, len(devices))
   task = registry.get(c.task)
@@ -69,11 +71,11 @@ def _compile(model: str, per_chip: int, devices: list) -> tuple[loop.StepMemory 
   try:
     rows = loop.compile_steps(task.TRAINER, c, schema=task.default_config(), devices=devices)
   except loop.DoesNotFit as e:
-    found = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
-    needed = float(found.group(1)) if found else math.inf
-    why = f"{needed} GiB of temporaries" if found else str(e)
-    print(f"  {model}, {per_chip} per chip: refused, {why} {took()}", file=sys.stderr, flush=True)
-    return None, needed
+    temporaries = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
+    used = re.search(r"Used ([\d.]+)G of [\d.]+G hbm", str(e))  # e.g. v4's "Used 30.96G of 30.75G hbm"
+    asked = fixed + float(temporaries.group(1)) if temporaries else float(used.group(1)) if used else math.inf
+    print(f"  {model}, {per_chip} per chip: refused, {str(e)} {took()}", file=sys.stderr, flush=True)
+    return None, asked
   finally:
     jax.clear_caches()  # a tokenizer compile holds up to 23 GiB of host memory: one at a time
   step = max(rows, key=lambda r: r.peak)
@@ -93,8 +95,8 @@ def _cell(model: str, name: str, verify: bool, fit_at: int = 0) -> str:
   gib = lambda b: b / 2**30
   fixed = gib(one.peak - one.temporaries)  # state and batch: the temporaries grow with the batch
   b2 = fit_at or (per_chip if per_chip > 1 else 2)
-  row, needed = _compile(model, b2, devices)
-  peak2 = gib(row.peak) if row is not None else fixed + needed
+  row, asked = _compile(model, b2, devices, fixed)
+  peak2 = gib(row.peak) if row is not None else asked
   slope = (peak2 - gib(one.peak)) / (b2 - 1)
   largest = max(1, math.floor(1 + (hbm - gib(one.peak)) / slope)) if slope > 0 else b2
   if verify:  # compiled: the batch reported fits and one more does not
