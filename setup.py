@@ -56,5 +56,11 @@ setuptools.setup(
         ],
         # Cloud TPU VMs (and ahead-of-time compilation for TPU topologies on any Linux x86-64 host).
         "tpu": ["jax[tpu]>=0.10.2"],
+        # NVIDIA GPUs: JAX's CUDA 12 plugin with its CUDA, cuDNN and NCCL wheels (no system CUDA needed, only
+        # the NVIDIA driver). Its wheels exist for Linux x86-64 and aarch64 only.
+        "cuda": [
+            "jax[cuda12]>=0.10.2; sys_platform == 'linux' and "
+            "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
+        ],
     },
 )

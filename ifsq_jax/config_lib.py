@@ -25,6 +25,14 @@ from ifsq_jax import parallel
 DATASETS = ("embedded", "image_folder", "tfds")
 SCHEDULES = ("constant", "warmup_cosine")
 DECAY_MASKS = ("all", "matrices")
+PLATFORMS = ("", "cpu", "gpu", "tpu")  # config.mesh.platform; "": whatever devices JAX has
+# How to get JAX to see a platform's devices, for the error of a run that asked for them.
+_PLATFORM_HINTS = {
+    "gpu": ('install JAX for CUDA 12 with pip install -e ".[cuda]", and check that nvidia-smi lists the GPUs and '
+            "that CUDA_VISIBLE_DEVICES (if set) names them"),
+    "tpu": 'run on a Cloud TPU VM with JAX for TPU installed: pip install -e ".[tpu]"',
+    "cpu": "set JAX_PLATFORMS=cpu to run on the CPU",
+}
 
 
 class ConfigError(ValueError):
@@ -127,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.mesh.slices = 1  # TPU slices (multislice): the data axis is split over them (parallel.make_mesh)
   c.mesh.rules = parallel.DEFAULT_RULES
+  # The devices the run must get: "gpu", "tpu" or "cpu" (the launch scripts set it), "" any. A GPU host where JAX
+  # finds no GPU (JAX without the cuda extra, a hidden GPU) then stops with an error instead of training on the CPU.
+  c.mesh.platform = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -243,8 +254,23 @@ def _require(cond: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def check_platform(wanted: str, platform: str | None) -> None:
+  """ConfigError unless ``wanted`` (``config.mesh.platform``) is valid and, if given, ``platform``.
+
+  Args:
+    wanted: The platform the config asks for ("" for any).
+    platform: The platform of the run's devices (``jax.Device.platform``: "cpu", "gpu", "tpu"); None: not known
+      here, only ``wanted`` itself is checked.
+  """
+  _require(wanted in PLATFORMS,
+           f"config.mesh.platform={wanted!r} is not valid; use one of {PLATFORMS} ('' runs on any devices).")
+  if wanted and platform is not None and platform != wanted:
+    raise ConfigError(f"config.mesh.platform={wanted!r}, but JAX sees only {platform} devices: "
+                      f"{_PLATFORM_HINTS[wanted]}. (config.mesh.platform='' runs on whatever devices JAX has.)")
+
+
 def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
-             device_count: int, process_count: int = 1) -> None:
+             device_count: int, process_count: int = 1, platform: str | None = None) -> None:
   """Checks a config before any compile; raises one ConfigError naming the key.
 
   Args:
@@ -252,9 +278,13 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
     schema: The task's ``default_config()`` (all valid keys with their types).
     device_count: Global number of devices.
     process_count: Number of processes (hosts).
+    platform: The platform of the run's devices ("cpu", "gpu", "tpu"), checked against ``config.mesh.platform``;
+      None: not checked.
   """
   check_against_schema(config, schema)
   t, o, m = config.train, config.optimizer, config.mesh
+  # First: on a host without the devices asked for, the device count would make the other checks misleading.
+  check_platform(m.get("platform", ""), platform)
   for key in ("num_steps", "global_batch_size", "grad_accum_steps", "log_every"):
     _require(t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1.")
   for key in ("eval_every", "image_every"):

@@ -280,7 +280,23 @@ def test_an_unknown_dry_run_value_exits_2(fakes, script):
 def test_gpu_host_runs_one_process_with_the_xla_settings(fakes):
   assert dry_run(fakes, GPU_HOST, "configs/dit_l2.py", "out/dit", "--config.train.compute_dtype=bfloat16") == [[
       "env", *GPU_ENV, "python3", "-m", "ifsq_jax.main", "--config=configs/dit_l2.py", "--workdir=out/dit",
-      "--config.train.compute_dtype=bfloat16"]]
+      "--config.mesh.platform=gpu", "--distributed=off", "--config.train.compute_dtype=bfloat16"]]
+
+
+@pytest.mark.parametrize("coordinator", [(), ("--coordinator=10.0.0.1:1234", "--num_hosts=1", "--host_id=0")])
+def test_gpu_host_in_a_slurm_allocation_runs_alone_without_jax_distributed(fakes, coordinator):
+  """main would read SLURM_NTASKS=4 as a job of 4 processes and wait for the 3 that never start."""
+  [cmd] = dry_run(fakes, GPU_HOST, *coordinator, "configs/toy.py", "out/toy", SLURM_NTASKS="4", SLURM_PROCID="0",
+                  SLURM_JOB_ID="123")
+  assert cmd[cmd.index("ifsq_jax.main") + 1:] == ["--config=configs/toy.py", "--workdir=out/toy",
+                                                  "--config.mesh.platform=gpu", "--distributed=off"]
+
+
+def test_gpu_scripts_say_to_install_the_cuda_extra(fakes):
+  for script in (GPU_HOST, SLURM):
+    out = launch(fakes, script, "--help")
+    assert out.returncode == 0 and 'pip install -e ".[cuda]"' in out.stdout, (script, out.stdout, out.stderr)
+    assert "--config.mesh.platform=gpu" in out.stdout
 
 
 def test_gpu_settings_of_the_user_win(fakes):
@@ -293,8 +309,8 @@ def test_gpu_settings_of_the_user_win(fakes):
 def test_gpu_hosts_started_by_hand_name_the_coordinator(fakes):
   [cmd] = dry_run(fakes, GPU_HOST, "--coordinator=10.0.0.1:1234", "--num_hosts=2", "--host_id=1", "configs/toy.py",
                   "/shared/toy")
-  assert cmd[-5:] == ["--config=configs/toy.py", "--workdir=/shared/toy", "--coordinator_address=10.0.0.1:1234",
-                      "--num_processes=2", "--process_id=1"]
+  assert cmd[-7:] == ["--config=configs/toy.py", "--workdir=/shared/toy", "--config.mesh.platform=gpu",
+                      "--distributed=on", "--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1"]
 
 
 @pytest.mark.parametrize("args, named", [
@@ -318,7 +334,8 @@ def test_slurm_runs_one_task_per_node_with_all_its_gpus(fakes):
                  SLURM_GPUS_ON_NODE="4") == [[
       "srun", "--ntasks-per-node=1", "--cpu-bind=none", "--kill-on-bad-exit=1", "env", *GPU_ENV,
       "JAX_LOCAL_DEVICE_IDS=0,1,2,3", "python3", "-m", "ifsq_jax.main", "--config=configs/llamagen_l.py",
-      "--workdir=/shared/llamagen", "--distributed=auto", "--config.train.num_steps=10"]]
+      "--workdir=/shared/llamagen", "--config.mesh.platform=gpu", "--distributed=auto",
+      "--config.train.num_steps=10"]]
 
 
 def test_slurm_script_runs_from_the_spool_copy_sbatch_makes(fakes, tmp_path):

@@ -275,7 +275,7 @@ def compile_steps(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
   devices = list(jax.devices() if devices is None else devices)
   m = config.mesh
   with shapes_only.enabled():
-    validate(trainer_cls, config, schema, len(devices), len({d.process_index for d in devices}))
+    validate(trainer_cls, config, schema, len(devices), len({d.process_index for d in devices}), devices[0].platform)
     mesh = _mesh(m, devices)
     trainer = trainer_cls(config, mesh)
   init_key, _ = jax.random.split(jax.random.key(config.seed))
@@ -302,10 +302,16 @@ def _abstract_batch(trainer: Trainer, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def validate(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
-             schema: ml_collections.ConfigDict | None, device_count: int, process_count: int | None = None) -> None:
-  """The shared checks, then the task's own: one ConfigError naming the key, before anything compiles."""
+             schema: ml_collections.ConfigDict | None, device_count: int, process_count: int | None = None,
+             platform: str | None = None) -> None:
+  """The shared checks, then the task's own: one ConfigError naming the key, before anything compiles.
+
+  ``platform`` is that of the run's devices (default: JAX's, ``jax.devices()``), checked against
+  ``config.mesh.platform``; compiling for other devices (a TPU topology) passes theirs.
+  """
   process_count = jax.process_count() if process_count is None else process_count
-  config_lib.validate(config, schema if schema is not None else config, device_count, process_count)
+  platform = jax.devices()[0].platform if platform is None else platform
+  config_lib.validate(config, schema if schema is not None else config, device_count, process_count, platform)
   trainer_cls.validate(config)
 
 

@@ -8,8 +8,17 @@ Usage: launch/gpu/host.sh [--coordinator=HOST:PORT --num_hosts=N --host_id=I] CO
 
 Runs `python -m ifsq_jax.main` with the XLA / NCCL settings of launch/gpu/env.sh. One
 process sees every local GPU (CUDA_VISIBLE_DEVICES narrows them). Run it from the
-repository root, with the environment that has ifsq_jax installed (PYTHON=... picks
-another interpreter than python3).
+repository root, with the environment that has ifsq_jax installed with JAX for CUDA 12
+(PYTHON=... picks another interpreter than python3):
+
+  pip install -e ".[cuda]"
+
+The run gets --config.mesh.platform=gpu: where JAX sees no GPU (JAX without the cuda
+extra, a GPU that nvidia-smi does not list or CUDA_VISIBLE_DEVICES hides) it stops with
+an error before training instead of training on the CPU.
+
+One host runs with --distributed=off, also inside a SLURM allocation of several tasks
+(whose variables would otherwise make the run wait for peers that never start).
 
 Several hosts without SLURM: start it once per host, with the same CONFIG, WORKDIR (on
 storage every host reads and writes: a shared file system or gs://) and overrides, and
@@ -46,7 +55,8 @@ check_main_args "$@"
 config=$1 workdir=$2
 shift 2
 
-distributed=()
+# One host: no jax.distributed, whatever SLURM_NTASKS or other cluster variables say.
+distributed=(--distributed=off)
 if [[ -n $coordinator || -n $num_hosts || -n $host_id ]]; then
   if [[ -z $coordinator || -z $num_hosts || -z $host_id ]]; then
     usage_error "--coordinator='$coordinator' --num_hosts='$num_hosts' --host_id='$host_id': give all three or none."
@@ -59,8 +69,11 @@ if [[ -n $coordinator || -n $num_hosts || -n $host_id ]]; then
   if ((10#$host_id >= 10#$num_hosts)); then
     usage_error "--host_id=$host_id is not valid for --num_hosts=$num_hosts: use 0..$((10#$num_hosts - 1))."
   fi
-  distributed=(--coordinator_address="$coordinator" --num_processes="$num_hosts" --process_id="$host_id")
+  if ((10#$num_hosts > 1)); then
+    distributed=(--distributed=on --coordinator_address="$coordinator" --num_processes="$num_hosts"
+      --process_id="$host_id")
+  fi
 fi
 
 run_exec env "${gpu_env[@]}" "${PYTHON:-python3}" -m ifsq_jax.main \
-  --config="$config" --workdir="$workdir" "${distributed[@]}" "$@"
+  --config="$config" --workdir="$workdir" --config.mesh.platform=gpu "${distributed[@]}" "$@"
