@@ -173,6 +173,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "embedded"  # each task lists its datasets (image tasks: IMAGE_DATASETS)
   c.data.train_split = "train"
   c.data.eval_split = "validation"
+  c.data.workers = 0  # processes that decode and crop training examples (0: a thread of the loop; -1: CPUs - 1)
+  c.data.prefetch = 2  # host batches in the works ahead of the step
+  c.data.device_prefetch = 2  # batches placed on the devices ahead of the step (0: placed when the step needs it)
   return c
 
 
@@ -295,6 +298,11 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
            f"config.train.compute_dtype={t.compute_dtype!r} must be 'float32' or 'bfloat16'.")
   _require(config.checkpoint.every >= 1, f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
   _require(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1.")
+  d = config.data
+  _require(d.get("workers", 0) >= -1,
+           f"config.data.workers={d.get('workers')} must be >= 0 (0: a thread of the loop) or -1 (CPUs - 1).")
+  for key in ("prefetch", "device_prefetch"):
+    _require(d.get(key, 0) >= 0, f"config.data.{key}={d.get(key)} must be >= 0.")
   _require(o.lr > 0, f"config.optimizer.lr={o.lr} must be > 0.")
   _require(o.schedule in SCHEDULES, f"config.optimizer.schedule={o.schedule!r} must be one of {SCHEDULES}.")
   _require(o.decay_mask in DECAY_MASKS, f"config.optimizer.decay_mask={o.decay_mask!r} must be one of {DECAY_MASKS}.")

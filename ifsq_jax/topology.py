@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping
 
 # HBM per chip (GiB), from Cloud TPU's system-architecture pages.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# Peak dense bfloat16 TFLOP/s per chip, from the same pages (and NVIDIA's H100 SXM data sheet, without sparsity).
+PEAK_BF16_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0}
 _DIMS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
 
 

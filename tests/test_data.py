@@ -38,7 +38,9 @@ def test_batches_are_a_pure_function_of_seed_and_step():
   assert not np.array_equal(a.batch(5)["image"], a.batch(6)["image"])
   assert not np.array_equal(a.batch(5)["image"], _pipe(seed=1).batch(5)["image"])
   x = a.batch(0)["image"]
-  assert x.shape == (8, 16, 16, 3) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+  assert x.shape == (8, 16, 16, 3) and x.dtype == np.uint8  # made float inside the train step
+  y = pipeline.normalize({"image": x})["image"]
+  assert y.dtype == np.float32 and -1 <= y.min() and y.max() <= 1
 
 
 def test_process_slices_concatenate_to_the_global_batch():
@@ -139,14 +141,14 @@ def test_transforms_shapes_ranges_and_determinism():
   img = rng.integers(0, 255, (300, 451, 3), dtype=np.uint8)
   for name, fn in transforms.TRANSFORMS.items():
     out = fn(img, 64, np.random.default_rng(1))
-    assert out.shape == (64, 64, 3) and out.dtype == np.float32, name
-    assert -1.0 <= out.min() and out.max() <= 1.0
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8, name
     np.testing.assert_array_equal(out, fn(img, 64, np.random.default_rng(1)))
   # Center crop of an image already at the target size is the image itself.
   small = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-  np.testing.assert_allclose(transforms.center_crop(small, 32), small / 127.5 - 1.0, atol=1e-6)
+  np.testing.assert_array_equal(transforms.center_crop(small, 32), small)
+  np.testing.assert_allclose(transforms.to_float(small), small / 127.5 - 1.0, atol=1e-6)
   # The tokenizer transform flips about half of the time.
-  flipped = transforms.to_float(small[:, ::-1])
+  flipped = small[:, ::-1]
   flips = sum(np.array_equal(transforms.resize_crop_flip(small, 32, np.random.default_rng(s)), flipped)
               for s in range(200))
   assert 60 < flips < 140
@@ -161,9 +163,9 @@ def _code_shards(root, rows=(4, 4, 2), h=2, d=3):
   for i, n in enumerate(rows):
     codes = rng.uniform(-1, 1, (n, h, h, d)).astype(np.float16)
     indices = rng.integers(0, 100, (n, h, h)).astype(np.int32)
-    np.savez(root / code_shards.shard_name(i, len(rows)), codes=codes, codes_flip=codes[:, :, ::-1],
-             indices=indices, indices_flip=indices[:, :, ::-1], labels=np.arange(start, start + n, dtype=np.int32),
-             index=np.arange(start, start + n))
+    code_shards.write_shard(root, i, len(rows), dict(
+        codes=codes, codes_flip=codes[:, :, ::-1], indices=indices, indices_flip=indices[:, :, ::-1],
+        labels=np.arange(start, start + n, dtype=np.int32), index=np.arange(start, start + n)))
     start += n
   return root
 
@@ -191,3 +193,75 @@ def test_extracted_codes_batch_with_random_flips_and_resume_exactly(tmp_path):
   q = pipeline.Pipeline(src, pipeline.code_example(flip=True), 4, seed=1, prefetch=0)
   q.restore(p.state())
   np.testing.assert_array_equal(next(q)["codes"], next(p)["codes"])
+
+
+def _jpeg_folder(root, sizes=((500, 375), (375, 500), (640, 480), (1600, 1200)), count=24, corrupt=True):
+  """Textured JPEGs (quality 90) in two classes; one truncated file with ``corrupt``."""
+  rng = np.random.default_rng(0)
+  for i in range(count):
+    w, h = sizes[i % len(sizes)]
+    coarse = rng.integers(0, 255, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC)).astype(np.int16)
+    image = np.clip(image + rng.integers(-10, 10, image.shape), 0, 255).astype(np.uint8)
+    (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / f"c{i % 2}" / f"{i:03d}.jpg", quality=90)
+  if corrupt:
+    path = root / "c0" / "004.jpg"
+    path.write_bytes(path.read_bytes()[:2000])  # a truncated JPEG: the header opens, the pixels do not decode
+  return root
+
+
+def test_worker_processes_give_the_batches_of_one_thread(tmp_path):
+  src = sources.ImageFolderSource(str(_jpeg_folder(tmp_path / "jpegs")), "train")
+  example = pipeline.image_example(transforms.adm_random_crop_flip, 32)
+  one = pipeline.Pipeline(src, example, 8, seed=3, prefetch=0)
+  two = pipeline.Pipeline(src, example, 8, seed=3, prefetch=2, workers=2)
+  try:
+    assert two.workers == 2
+    for step in (0, 1, 2, 5):
+      a, b = one.batch(step), two.get(step)
+      assert a["image"].dtype == np.uint8 and a["image"].shape == (8, 32, 32, 3)
+      np.testing.assert_array_equal(b["image"], a["image"])
+      np.testing.assert_array_equal(b["label"], a["label"])
+    # The truncated JPEG is read in every epoch (22 images, 8 per step): replaced, and counted the same way.
+    assert one.skipped == two.skipped >= 1
+    assert two.state(next_step=3)["skipped"] <= two.skipped
+  finally:
+    two.close()
+
+
+def test_examples_are_picklable_for_worker_processes():
+  import pickle  # pylint: disable=g-import-not-at-top
+  for fn in (pipeline.image_example(transforms.resize_crop_flip, 16), pipeline.code_example(True, ("codes",), {
+      "codes": np.float32})):
+    assert pickle.loads(pickle.dumps(fn)) == fn
+  assert pipeline.auto_workers(-1) >= 1 and pipeline.auto_workers(3) == 3
+
+
+def test_reduced_jpeg_decoding_and_crop_resampling_keep_the_transforms_meaning(tmp_path):
+  """Opened JPEGs are decoded at ADM's halved scale and only the crop is resampled; the crops barely change."""
+  root = _jpeg_folder(tmp_path / "jpegs", sizes=((1600, 1200),), count=2, corrupt=False)
+  src = sources.ImageFolderSource(str(root), "train")
+  opened, _ = src.open(0)
+  decoded, _ = src[0]
+  assert opened.size == (1600, 1200) and decoded.shape == (1200, 1600, 3)
+  for fn in (transforms.adm_random_crop, transforms.resize_crop_flip):
+    for seed in range(3):
+      fast = fn(src.open(0)[0], 64, np.random.default_rng(seed)).astype(np.float32)
+      full = fn(decoded, 64, np.random.default_rng(seed)).astype(np.float32)
+      assert np.abs(fast - full).mean() < 3.0, fn.__name__  # DCT scaling vs box halving, on 0..255
+  # Evaluation crops are ADM's exactly, opened or decoded.
+  np.testing.assert_array_equal(transforms.center_crop(src.open(0)[0], 64), transforms.center_crop(decoded, 64))
+
+
+def test_crop_window_resampling_matches_resize_then_crop():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+  img = np.asarray(Image.fromarray(img).resize((500, 375), Image.BOX))
+  pil = Image.fromarray(img)
+  for resample, resized in ((Image.BILINEAR, (341, 256)), (Image.BICUBIC, (427, 320))):
+    whole = np.asarray(pil.resize(resized, resample=resample)).astype(int)
+    for top, left in ((0, 0), (resized[1] - 256, resized[0] - 256), (resized[1] - 256, 40)):
+      window = transforms._crop_resized(pil, resized, 256, top, left, resample)  # pylint: disable=protected-access
+      diff = np.abs(window.astype(int) - whole[top:top + 256, left:left + 256])
+      assert diff.max() <= 1 and (diff > 0).mean() < 0.01

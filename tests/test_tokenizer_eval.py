@@ -36,7 +36,7 @@ def _tokenizer_dir(path):
 def _expected(tok_dir):
   """Every metric computed on the whole split at once, without the evaluator."""
   src = sources.EmbeddedSource("validation")
-  x = np.stack([transforms.center_crop(src[i][0], SIZE) for i in range(len(src))])
+  x = np.stack([transforms.to_float(transforms.center_crop(src[i][0], SIZE)) for i in range(len(src))])
   tok = ifsq_jax.load_tokenizer(tok_dir)
   recon, out = tok.model.apply(tok.variables, x)
   recon = np.asarray(recon)

@@ -1,5 +1,9 @@
 """Random-access image sources: ``len(source)`` and ``source[i] -> (uint8 HWC image, int label)``.
 
+``source.open(i) -> (image, label)`` is the training pipeline's read: the image
+opened but not decoded (a PIL image whose header is read), so that the transform
+can decode a JPEG at a reduced scale (:mod:`ifsq_jax.data.transforms`).
+
 * :class:`EmbeddedSource`: crops of the colour photos that ship inside
   scikit-image, labelled by source photo; needs no download. Each photo is
   resized to a shorter side of 256; crops from its top three quarters are the
@@ -9,7 +13,8 @@
   ``root/<split>/<class>/<image>`` when such split folders exist).
 * :class:`TfdsSource`: any tensorflow-datasets image dataset prepared in the
   ``array_record`` format (random access), e.g. ``imagenet2012`` from a
-  ``data_dir`` or built from the tar files in a ``manual_dir``.
+  ``data_dir`` or built from the tar files in a ``manual_dir`` (by process 0;
+  the other processes wait for it). Images are decoded with PIL, as ADM does.
 
 An undecodable file raises :class:`DecodeError`; the pipeline skips it.
 """
@@ -17,11 +22,12 @@ An undecodable file raises :class:`DecodeError`; the pipeline skips it.
 from __future__ import annotations
 
 import functools
+import io
 import os
-import pathlib
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -43,6 +49,9 @@ class Source(Protocol):
     ...
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    ...
+
+  def open(self, index: int) -> tuple[Any, int]:
     ...
 
 
@@ -101,6 +110,29 @@ class EmbeddedSource:
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     return self.images[index], int(self.labels[index])
 
+  open = __getitem__
+
+
+def _open(read, name: str) -> Image.Image:
+  """An image opened (header read, pixels not decoded) from ``read("rb")``, a binary file object."""
+  try:
+    with read("rb") as f:
+      data = f.read()
+    image = Image.open(io.BytesIO(data))
+    image.filename = name  # named in decode errors
+    return image
+  except Exception as e:  # pylint: disable=broad-except
+    raise DecodeError(f"{name}: {type(e).__name__}: {e}") from e
+
+
+def _decode(read, name: str) -> np.ndarray:
+  """A whole image decoded to uint8 (H, W, 3)."""
+  image = _open(read, name)
+  try:
+    return _rgb(np.asarray(image.convert("RGB")))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DecodeError(f"{name}: {type(e).__name__}: {e}") from e
+
 
 # ------------------------------------------------------------------ folder
 
@@ -108,12 +140,12 @@ class ImageFolderSource:
   """``root/<class>/<file>``; with ``root/<split>/`` folders present, the split's folder.
 
   Without split folders, every 20th file (sorted order) is the ``validation``
-  split and the rest ``train``.
+  split and the rest ``train``. ``root`` may be a ``gs://`` path.
   """
 
   def __init__(self, root: str, split: str = "train"):
-    root_path = pathlib.Path(root)
-    if not root or not root_path.is_dir():
+    root_path = epath.Path(root) if root else None
+    if root_path is None or not root_path.is_dir():
       raise DataError(f"image folder {root!r} does not exist or is not a directory (config.data.path).")
     split_dir = root_path / split
     holdout = not split_dir.is_dir()
@@ -121,9 +153,7 @@ class ImageFolderSource:
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name not in ("train", "validation", "val"))
     files = []
     for label, cls in enumerate(classes):
-      for dirpath, _, names in sorted(os.walk(base / cls)):
-        files.extend((os.path.join(dirpath, n), label) for n in sorted(names)
-                     if n.lower().endswith(IMAGE_EXTENSIONS))
+      files.extend((str(f), label) for f in _image_files(base / cls))
     if holdout:
       files = [f for i, f in enumerate(files) if (i % 20 == 0) == (split != "train")]
     if not files:
@@ -139,49 +169,106 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     path, label = self.files[index]
-    try:
-      with Image.open(path) as im:
-        im.load()
-        return _rgb(np.asarray(im.convert("RGB"))), label
-    except Exception as e:  # pylint: disable=broad-except
-      raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
+    return _decode(epath.Path(path).open, path), label
+
+  def open(self, index: int) -> tuple[Image.Image, int]:
+    path, label = self.files[index]
+    return _open(epath.Path(path).open, path), label
+
+
+def _image_files(folder: epath.Path) -> list[epath.Path]:
+  """Image files under ``folder``: its own in sorted order, then each sub-folder's (sorted), recursively."""
+  entries = sorted(folder.iterdir(), key=lambda p: p.name)
+  dirs = [p for p in entries if p.is_dir()]
+  out = [p for p in entries if p not in dirs and p.name.lower().endswith(IMAGE_EXTENSIONS)]
+  for d in dirs:
+    out.extend(_image_files(d))
+  return out
 
 
 # ------------------------------------------------------------------ tfds
 
 class TfdsSource:
-  """A tensorflow-datasets image dataset through its random-access data source."""
+  """A tensorflow-datasets image dataset through its random-access (``array_record``) data source.
+
+  Without a prepared dataset in ``data_dir`` and with a ``manual_dir``, process 0
+  prepares it and the other processes wait. The random-access reader opens local
+  files only: a ``gs://`` ``data_dir`` is refused with the ways that work.
+  """
 
   def __init__(self, name: str, split: str = "train", data_dir: str = "", manual_dir: str = ""):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    try:
-      builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise DataError(f"tfds dataset {name!r} is not known to tensorflow-datasets (config.data.tfds_name): "
-                      f"{str(e).splitlines()[0]}") from None
+    if str(data_dir).startswith("gs://"):
+      raise DataError(
+          f"config.data.data_dir={data_dir!r}: tfds's random-access array_record reader cannot open gs:// objects. "
+          "Mount the bucket with gcsfuse (launch/tpu/tpu.sh setup --mount=BUCKET:/mnt/DIR) and set "
+          "config.data.data_dir to the mounted folder, or copy the prepared dataset to a local disk; image folders "
+          "(config.data.name='image_folder', config.data.path='gs://...') are read from gs:// directly.")
+    self._args = (name, split, data_dir, manual_dir)
+    builder = self._builder()
+    if manual_dir:
+      self._prepare(builder)
+      builder = self._builder()
     if not builder.is_prepared():
-      if not manual_dir:
-        raise DataError(
-            f"tfds dataset {name!r} is not prepared in {builder.data_dir} (config.data.data_dir). Prepare it in the "
-            "array_record format (`tfds build NAME --file_format=array_record`), or set config.data.manual_dir to "
-            "the folder with its downloaded files (for imagenet2012: ILSVRC2012_img_train.tar and _val.tar).")
-      if not pathlib.Path(manual_dir).is_dir():
-        raise DataError(f"config.data.manual_dir={manual_dir!r} does not exist.")
-      builder.download_and_prepare(
-          file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      raise DataError(
+          f"tfds dataset {name!r} is not prepared in {builder.data_dir} (config.data.data_dir). Prepare it in the "
+          "array_record format (`tfds build NAME --file_format=array_record`), or set config.data.manual_dir to "
+          "the folder with its downloaded files (for imagenet2012: ILSVRC2012_img_train.tar and _val.tar).")
     if split not in builder.info.splits:
       raise DataError(f"tfds dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-    self._source = builder.as_data_source(split=split)
     self.name = f"tfds:{name}:{split}"
     features = builder.info.features
     self.num_classes = getattr(features["label"], "num_classes", 0) if "label" in features.keys() else 0
+    self._length = builder.info.splits[split].num_examples
+    self._source = None
+
+  def _builder(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    name, _, data_dir, _ = self._args
+    try:
+      return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise DataError(f"tfds dataset {name!r} is not known to tensorflow-datasets (config.data.tfds_name): "
+                      f"{str(e).splitlines()[0]}") from None
+
+  def _prepare(self, builder) -> None:
+    """Process 0 prepares the dataset from ``manual_dir``; every process then meets at a barrier."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from ifsq_jax import multihost  # pylint: disable=g-import-not-at-top
+    name, _, _, manual_dir = self._args
+    if jax.process_index() == 0 and not builder.is_prepared():
+      if not epath.Path(manual_dir).is_dir():
+        raise DataError(f"config.data.manual_dir={manual_dir!r} does not exist.")
+      builder.download_and_prepare(
+          file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    # Every process passes here (the same config on each): preparing ImageNet takes hours.
+    multihost.barrier(f"ifsq_jax/tfds_prepare/{name}/{self._args[1]}", timeout_s=48 * 3600)
+
+  def _data_source(self):
+    if self._source is None:  # opened on first read: in each worker process of its own
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      # Images stay encoded: PIL decodes them (as ADM's loader does), at a reduced scale where a transform allows.
+      self._source = self._builder().as_data_source(
+          split=self._args[1], decoders={"image": tfds.decode.SkipDecoding()})
+    return self._source
+
+  def __getstate__(self):  # picklable for worker processes: the reader is opened again there
+    return {**self.__dict__, "_source": None}
 
   def __len__(self) -> int:
-    return len(self._source)
+    return self._length
 
-  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+  def _read(self, index: int) -> tuple[bytes, int]:
     try:
-      ex = self._source[index]
-      return _rgb(np.asarray(ex["image"])), int(ex.get("label", 0))
+      ex = self._data_source()[index]
+      return ex["image"], int(ex.get("label", 0))
     except Exception as e:  # pylint: disable=broad-except
       raise DecodeError(f"{self.name}[{index}]: {type(e).__name__}: {e}") from e
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    data, label = self._read(index)
+    return _decode(lambda mode: io.BytesIO(data), f"{self.name}[{index}]"), label
+
+  def open(self, index: int) -> tuple[Image.Image, int]:
+    data, label = self._read(index)
+    return _open(lambda mode: io.BytesIO(data), f"{self.name}[{index}]"), label

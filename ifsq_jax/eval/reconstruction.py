@@ -219,7 +219,7 @@ def evaluate_split(reconstruct: Callable[[jax.Array], tuple[jax.Array, jax.Array
     images = []
     for i in positions[s * batch:(s + 1) * batch]:
       try:
-        images.append(transforms.center_crop(source[i][0], image_size))
+        images.append(transforms.to_float(transforms.center_crop(source[i][0], image_size)))
       except sources.DecodeError as e:
         skipped.append(str(e))
     valid = np.arange(batch) < len(images)

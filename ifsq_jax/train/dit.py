@@ -157,14 +157,9 @@ class DiTTrainer(generator.GeneratorTrainer):
       if tuple(source.codes_shape) != self.latent_shape:
         raise _error(f"the codes in {c.data.codes_dir} are {tuple(source.codes_shape)}, the model expects "
                      f"{self.latent_shape}.")
-      codes = pipeline_lib.code_example(c.data.code_flip, keys=("codes",))
-
-      def example(raw, rng):  # the shards keep codes in float16 (exact for k / (L // 2))
-        out = codes(raw, rng)
-        return {**out, "codes": out["codes"].astype(np.float32)}
-
-      data = pipeline_lib.Pipeline(source, example, c.train.global_batch_size, seed=c.seed,
-                                   process_index=process_index, process_count=process_count)
+      # The shards keep codes in float16 (exact for k / (L // 2)).
+      example = pipeline_lib.code_example(c.data.code_flip, keys=("codes",), dtypes={"codes": np.float32})
+      data = pipeline_lib.train_pipeline(c, source, example, process_index, process_count)
     else:
       data = pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
                                          process_count=process_count)
@@ -181,7 +176,7 @@ class DiTTrainer(generator.GeneratorTrainer):
       shapes["codes"] = jax.ShapeDtypeStruct((b,) + self.latent_shape, jnp.float32)
     else:
       s = c.data.image_size
-      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
+      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)  # made float inside the step
     return shapes
 
   def frozen(self):
@@ -221,7 +216,7 @@ class DiTTrainer(generator.GeneratorTrainer):
         self._write_latent_json(c.latent.scale, None, None, 0)
       return state
     def moments(batch, frozen):
-      codes = self._codes(batch, frozen)
+      codes = self._codes(pipeline_lib.normalize(batch), frozen)
       return jnp.stack([jnp.mean(codes), jnp.mean(codes ** 2)])
 
     moments = jax.jit(moments, out_shardings=parallel.replicated(self.mesh))

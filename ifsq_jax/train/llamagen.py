@@ -181,14 +181,10 @@ class LlamaGenTrainer(generator.GeneratorTrainer):
       if expect is not None and tuple(source.codes_shape) != expect:
         raise _error(f"the codes in {c.data.codes_dir} are {tuple(source.codes_shape)}, the tokenizer gives "
                      f"{expect}.")
-      pick = pipeline_lib.code_example(c.data.code_flip, keys=(key,))
-
-      def example(raw, rng):  # the shards keep codes in float16 (exact for k / (L // 2))
-        out = pick(raw, rng)
-        return {**out, key: out[key].astype(np.float32 if key == "codes" else np.int32)}
-
-      data = pipeline_lib.Pipeline(source, example, c.train.global_batch_size, seed=c.seed,
-                                   process_index=process_index, process_count=process_count)
+      # The shards keep codes in float16 (exact for k / (L // 2)).
+      example = pipeline_lib.code_example(c.data.code_flip, keys=(key,),
+                                          dtypes={key: np.float32 if key == "codes" else np.int32})
+      data = pipeline_lib.train_pipeline(c, source, example, process_index, process_count)
     else:
       data = pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
                                          process_count=process_count)
@@ -209,7 +205,7 @@ class LlamaGenTrainer(generator.GeneratorTrainer):
         shapes["indices"] = jax.ShapeDtypeStruct((b, self.grid, self.grid), jnp.int32)
     else:
       s = c.data.image_size
-      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
+      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)  # made float inside the step
     return shapes
 
   def frozen(self):

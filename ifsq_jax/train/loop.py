@@ -41,6 +41,7 @@ from clu import parameter_overview
 from etils import epath
 
 from ifsq_jax import checkpoint, config_lib, flops, multihost, parallel, shapes_only
+from ifsq_jax.data import device_prefetch
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.train import state as state_lib
 from ifsq_jax.train import writers
@@ -230,6 +231,8 @@ def step_key(seed: int) -> jax.Array:
 def _jit_step(fn: StepFn, shardings: Any, mesh, seed: int) -> Callable:
   def step(state, batch, frozen):
     # The only fold of the step into the key; a constant of the program, so no key array crosses processes.
+    # uint8 images arrive as they left the pipeline (a quarter of float32's bytes) and become float32 here.
+    batch = pipeline_lib.normalize(batch)
     new, metrics = fn(state, batch, jax.random.fold_in(step_key(seed), state.step), frozen)
     if "nonfinite" not in metrics:
       raise ValueError("a train step must report metrics['nonfinite'] (use state.apply_if_finite).")
@@ -272,6 +275,25 @@ def compile_steps(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
   Returns:
     The per-device memory and FLOPs of each compiled step (``--compile_only`` prints them).
   """
+  run = abstract_run(trainer_cls, config, schema, devices)
+  return _Steps(run.trainer.train_steps(), run.kinds, run.shardings, run.mesh, config.mesh.rules, config.seed,
+                run.args, run_id=-1, count_flops=True).memory
+
+
+@dataclasses.dataclass
+class AbstractRun:
+  """A validated run as shapes only: its trainer, mesh, state shardings, step arguments and step kinds."""
+
+  trainer: Trainer
+  mesh: jax.sharding.Mesh
+  shardings: Any
+  args: tuple  # (state, batch, frozen) as ShapeDtypeStructs with shardings
+  kinds: list[str]  # the step kinds of steps 0 .. num_steps - 1
+
+
+def abstract_run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
+                 schema: ml_collections.ConfigDict | None = None, devices: list | None = None) -> AbstractRun:
+  """Validates ``config`` and builds its trainer and step arguments as shapes (frozen networks shapes only)."""
   devices = list(jax.devices() if devices is None else devices)
   m = config.mesh
   with shapes_only.enabled():
@@ -283,9 +305,17 @@ def compile_steps(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
   replicated = parallel.replicated(mesh)
   frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), trainer.frozen())
   kinds = _kinds_used(trainer, list(trainer.train_steps()), 0, config.train.num_steps)
-  args = (abstract, _abstract_batch(trainer, mesh), frozen)
-  return _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, config.seed, args, run_id=-1,
-                count_flops=True).memory
+  return AbstractRun(trainer, mesh, shardings, (abstract, _abstract_batch(trainer, mesh), frozen), kinds)
+
+
+def step_flops(run: AbstractRun) -> dict[str, float]:
+  """Matmul and convolution FLOPs of one global step of each kind (:mod:`ifsq_jax.flops`); nothing is compiled."""
+  c = run.trainer.config
+  out = {}
+  with parallel.sharding_context(run.mesh, c.mesh.rules):
+    for kind in run.kinds:
+      out[kind] = flops.count(_jit_step(run.trainer.train_steps()[kind], run.shardings, run.mesh, c.seed), *run.args)
+  return out
 
 
 def _mesh(m: ml_collections.ConfigDict, devices: list) -> jax.sharding.Mesh:
@@ -368,10 +398,17 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
     state = trainer.prepare(state, data, frozen)
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
+  batches = device_prefetch.DeviceBatches(data, mesh, step, config.data.device_prefetch)  # busy while compiling
   flag = multihost.StopFlag()
   kinds = _kinds_used(trainer, list(trainer.train_steps()), step, t.num_steps)
-  steps = _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, config.seed,
-                 (abstract, _abstract_batch(trainer, mesh), frozen), flag.run_id)
+  try:
+    steps = _Steps(trainer.train_steps(), kinds, shardings, mesh, m.rules, config.seed,
+                   (abstract, _abstract_batch(trainer, mesh), frozen), flag.run_id)
+  except BaseException:
+    batches.close()
+    data.close()
+    flag.restore()
+    raise
   logging.info("Compiled steps, per device:\n%s", memory_table(steps.memory))
   writer = writers.create_writer(workdir)
   config_dict = config.to_dict()
@@ -380,10 +417,10 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   if step == 0 and t.eval_at_start:  # the untrained model's numbers, for comparison with the end
     _evaluate(trainer, state, step, workdir, writer, final=False)
     _write_images(trainer, state, step, workdir, writer)
-  last_time, last_step = time.time(), step
+  last_time, last_step, last_wait = time.time(), step, batches.wait_s
   try:
     while step < t.num_steps:
-      batch = parallel.global_batch(next(data), mesh)
+      batch = batches.next()
       state, metrics = steps(trainer.step_kind(step), state, batch, frozen)
       step += 1
       host.add(step, metrics)  # fetched lazily: the device runs ahead
@@ -392,11 +429,15 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
         scalars = host.flush()
         now = time.time()
         rate = (step - last_step) / max(now - last_time, 1e-9)
-        writer.write_scalars(step, {**scalars, "steps_per_sec": rate, "examples_per_sec": rate * examples_per_step})
-        logging.info("step %d/%d | %.2f steps/s | %.1f examples/s | ETA %s | loss %.5g", step, t.num_steps, rate,
-                     rate * examples_per_step, writers.format_eta((t.num_steps - step) / max(rate, 1e-9)),
-                     scalars.get("loss", float("nan")))
-        last_time, last_step = now, step
+        # The time the loop waited for data, per step: the devices idle for input (the host's step time beside it).
+        wait_ms = 1e3 * (batches.wait_s - last_wait) / max(step - last_step, 1)
+        step_ms = 1e3 / max(rate, 1e-9)
+        writer.write_scalars(step, {**scalars, "steps_per_sec": rate, "examples_per_sec": rate * examples_per_step,
+                                    "perf/data_wait_ms": wait_ms, "perf/step_ms": step_ms})
+        logging.info("step %d/%d | %.2f steps/s | %.1f examples/s | data wait %.0f%% | ETA %s | loss %.5g", step,
+                     t.num_steps, rate, rate * examples_per_step, 100 * wait_ms / step_ms,
+                     writers.format_eta((t.num_steps - step) / max(rate, 1e-9)), scalars.get("loss", float("nan")))
+        last_time, last_step, last_wait = now, step, batches.wait_s
       else:
         host.check()
       if host.exhausted:
@@ -414,7 +455,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
         jax.block_until_ready((state, metrics))
         multihost.barrier(f"ifsq_jax/after_step/{flag.run_id}/{step}")
       if save:  # before evaluating: a failing evaluation never costs the step's checkpoint
-        ckpt.save(step, state, data.state(), config_dict)
+        ckpt.save(step, state, data.state(next_step=step), config_dict)
       if evaluate:
         _evaluate(trainer, state, step, workdir, writer, final)
       if images:
@@ -426,6 +467,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
     host.flush()
     ckpt.close()
     writer.flush()
+    batches.close()
     data.close()
     flag.restore()
   # Processes leave together: the last saves and evaluations end at different times, and jax.distributed's

@@ -93,7 +93,7 @@ class SampleEvaluator:
     images = []
     for i in range(n):
       try:
-        images.append(transforms.center_crop(source[i][0], d.image_size))
+        images.append(transforms.to_float(transforms.center_crop(source[i][0], d.image_size)))
       except sources.DecodeError as e:
         logging.warning("Skipped an undecodable validation image: %s", e)
     if len(images) < 2:
