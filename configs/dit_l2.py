@@ -2,7 +2,7 @@ r"""The paper's DiT run: DiT-L with REPA (DINOv2-B/14, depth 8, coefficient 0.5)
 
   python -m ifsq_jax.main --config=configs/dit_l2.py --workdir=DIR \
       --config.tokenizer=TOKENIZER_DIR --config.repa.path=DINOV2_DIR \
-      --config.data.name=tfds --config.data.manual_dir=IMAGENET_TARS
+      --config.data.manual_dir=IMAGENET_TARS   # or --config.data.data_dir=PREPARED_TFDS_DIR
 
 Why "L/2" and patch 1: the paper names the run after DiT-L/2 on an f8 VAE (32 x 32
 latents, 256 tokens). The official code trains DiT-L/1 on the f16 tokenizer's
@@ -36,6 +36,9 @@ _REPA = {"none": "none", "dinov2_b": "dinov2"}
 def get_config(arg=None):
   v = config_lib.parse_variant(arg, model="", patch=0, repa="", quickstart=False)
   c = dit.default_config()
+  c.data.name = "tfds"  # ImageNet through tfds: a prepared data_dir or the tar files in manual_dir
+  c.data.tfds_name = "imagenet2012"
+  c.data.workers = -1  # every CPU of the host but one decodes and crops
   if v.quickstart:
     _quickstart(c)
   size = v.model or ("QS" if v.quickstart else "L")
@@ -67,6 +70,7 @@ def _quickstart(c):
   """The quickstart tokenizer's 8 x 8 x 4 latents of the 9 embedded photos; REPA on the packaged VGG16."""
   c.tokenizer = dit.QUICKSTART_TOKENIZER
   c.data.name = "embedded"
+  c.data.workers = 0  # 64 x 64 crops in memory: a thread keeps up
   c.data.image_size = 32
   c.data.transform = "resize_crop_flip"
   c.data.eval_examples = 128

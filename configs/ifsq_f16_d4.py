@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.data.name = "tfds"
   c.data.tfds_name = "imagenet2012"
   c.data.image_size = 256
+  c.data.workers = -1  # every CPU of the host but one decodes and crops
   c.train.num_steps = 1_000_000  # 100 epochs of 1.28M images at batch 128
   c.train.compute_dtype = "bfloat16"
   if not 1 <= v.bits <= 8:

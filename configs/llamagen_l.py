@@ -2,7 +2,7 @@ r"""The paper's LlamaGen run: LlamaGen-L with REPA (DINOv2-B/14, layer 8, coeffi
 
   python -m ifsq_jax.main --config=configs/llamagen_l.py --workdir=DIR \
       --config.tokenizer=TOKENIZER_DIR --config.repa.path=DINOV2_DIR \
-      --config.data.name=tfds --config.data.manual_dir=IMAGENET_TARS
+      --config.data.manual_dir=IMAGENET_TARS   # or --config.data.data_dir=PREPARED_TFDS_DIR
 
 Settings of the official run: 16 x 16 tokens of 17^4 = 83,521 codes, AdamW 1e-4
 (0.9, 0.95), weight decay 0.05, constant LR, clipping 1.0, EMA 0.9999, global
@@ -42,6 +42,9 @@ _GROUPS = (2, 2)
 def get_config(arg=None):
   v = config_lib.parse_variant(arg, model="", factorized=False, repa="", quickstart=False)
   c = llamagen.default_config()
+  c.data.name = "tfds"  # ImageNet through tfds: a prepared data_dir or the tar files in manual_dir
+  c.data.tfds_name = "imagenet2012"
+  c.data.workers = -1  # every CPU of the host but one decodes and crops
   if v.quickstart:
     _quickstart(c)
   size = v.model or ("QS" if v.quickstart else "L")
@@ -74,6 +77,7 @@ def _quickstart(c):
   """The quickstart tokenizer's 8 x 8 indices (factorized 289 + 289) of the 9 embedded photos; VGG16 REPA."""
   c.tokenizer = llamagen.QUICKSTART_TOKENIZER
   c.data.name = "embedded"
+  c.data.workers = 0  # 64 x 64 crops in memory: a thread keeps up
   c.data.image_size = 32
   c.data.transform = "resize_crop_flip"
   c.data.eval_examples = 128

@@ -204,6 +204,28 @@ def validate_image_data(config: ml_collections.ConfigDict) -> None:
            f"config.data.transform={d.transform!r} must be one of {tuple(transforms.TRANSFORMS)}.")
   _require(d.name != "image_folder" or bool(d.path),
            "config.data.path must name the image folder root when config.data.name='image_folder'.")
+  if d.name == "tfds":
+    _check_tfds(d)
+
+
+def _check_tfds(d: ml_collections.ConfigDict) -> None:
+  """A tfds dataset must be prepared in ``data_dir`` or come with a ``manual_dir`` (skipped when only compiling)."""
+  from ifsq_jax import shapes_only  # pylint: disable=g-import-not-at-top
+  if shapes_only.active() or d.manual_dir:
+    return
+  if str(d.data_dir).startswith("gs://"):
+    return  # refused with its remedies where the data source is built
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    prepared = tfds.builder(d.tfds_name, data_dir=d.data_dir or None, file_format="array_record").is_prepared()
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ConfigError(f"config.data.tfds_name={d.tfds_name!r} is not a dataset tensorflow-datasets knows.") from None
+  _require(prepared,
+           f"config.data.name='tfds' reads {d.tfds_name!r}, which is not prepared (array_record) in "
+           f"config.data.data_dir={d.data_dir or '~/tensorflow_datasets'!r}, and config.data.manual_dir is empty. Set "
+           "config.data.data_dir to a prepared copy, or config.data.manual_dir to the downloaded files (imagenet2012: "
+           "the folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar; process 0 prepares it), or "
+           "train on an image folder: config.data.name='image_folder' config.data.path=DIR.")
 
 
 def require_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[Any, ...]) -> None:

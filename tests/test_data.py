@@ -265,3 +265,43 @@ def test_crop_window_resampling_matches_resize_then_crop():
       window = transforms._crop_resized(pil, resized, 256, top, left, resample)  # pylint: disable=protected-access
       diff = np.abs(window.astype(int) - whole[top:top + 256, left:left + 256])
       assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_tfds_dataset_is_prepared_by_process_zero_while_the_others_wait(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ifsq_jax import multihost  # pylint: disable=g-import-not-at-top
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  barriers = []
+  monkeypatch.setattr(multihost, "barrier", lambda tag, timeout_s=0: barriers.append(tag))
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(sources.DataError, match="is not prepared"):  # process 1 prepares nothing, waits, finds nothing
+    sources.TfdsSource("tiny_images", "train", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+  assert len(barriers) == 1 and not (tmp_path / "tfds" / "tiny_images").exists()
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  src = sources.TfdsSource("tiny_images", "train", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+  assert len(src) == 12 and len(barriers) == 2
+  assert isinstance(src.open(0)[0], Image.Image) and src[0][0].shape == (20, 24, 3)
+  with pytest.raises(sources.DataError, match="gcsfuse"):
+    sources.TfdsSource("tiny_images", "train", data_dir="gs://bucket/tfds")
+
+
+@pytest.mark.parametrize("name", ["dit_l2", "llamagen_l", "ifsq_f16_d4"])
+def test_paper_configs_read_imagenet_and_stop_before_any_work_without_it(name, tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from ifsq_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.train import loop, registry  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  assert (c.data.name, c.data.tfds_name, c.data.workers) == ("tfds", "imagenet2012", -1)
+  quick = module.get_config("quickstart" if name != "ifsq_f16_d4" else "tiny")
+  assert quick.data.name == "embedded" and quick.data.workers == 0
+  c.data.data_dir = str(tmp_path / "tfds")  # holds no prepared ImageNet
+  if name != "ifsq_f16_d4":
+    c.tokenizer = "configs/ifsq_f16_d4.py"
+  task = registry.get(c.task)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.data\.data_dir=.*config\.data\.manual_dir"):
+    loop.run(task.TRAINER, c, tmp_path / "run", schema=task.default_config())
+  assert not (tmp_path / "run").exists()

@@ -90,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
 def small_cpu_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Turns a tokenizer config into the CPU-sized run on the embedded images (quickstart, ``tiny``)."""
   c.data.name = "embedded"
+  c.data.workers = 0
   c.data.image_size = 32
   c.data.eval_examples = 64
   c.train.compute_dtype = "float32"
