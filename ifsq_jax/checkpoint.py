@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from ifsq_jax import paths
 
 CORRUPT_SUFFIX = ".corrupt"
 _SHOWN = 8  # entries named per kind of difference in an error message
@@ -165,7 +166,7 @@ _FRESH_START = ("To start afresh, use a new work dir; to start a new run from th
 
 def _absolute(path: epath.PathLike) -> epath.Path:
   """Orbax needs absolute paths: a relative local path is resolved; URLs (gs://...) are kept."""
-  return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(os.fspath(path)))
+  return paths.absolute(path)
 
 
 def _entries(tree: Any, prefix: str = "") -> dict[str, tuple[tuple[int, ...] | None, str]]:
@@ -266,6 +267,10 @@ def _step_dirs(path: epath.Path) -> Iterator[tuple[int, epath.Path]]:
   if (path / "checkpoints").exists():
     path = path / "checkpoints"
   steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True)
+  if paths.is_remote(path):
+    # In a bucket Orbax writes a step in place and marks it complete with a commit file last; locally an unfinished
+    # step has a temporary name.
+    steps = [s for s in steps if ocp.utils.is_checkpoint_finalized(path / str(s))]
   if not steps:
     raise FileNotFoundError(f"No checkpoint steps under {path}.")
   for step in steps:

@@ -14,13 +14,13 @@ run compile on a laptop, or for a TPU topology, before any weights exist:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
+import types
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
 import ml_collections
+from etils import epath
 
 _active = False
 
@@ -46,17 +46,26 @@ def init_shapes(init: Callable[..., Any], *args: Any) -> Any:
   return nn.meta.unbox(jax.eval_shape(init, jax.random.key(0), *args))
 
 
+def _split(path: str) -> tuple[str, str]:
+  """``FILE.py[:variant]`` -> (FILE.py, variant); the file may be ``gs://...``."""
+  file, sep, variant = path.rpartition(":")
+  if sep and file.endswith(".py"):
+    return file, variant
+  return path, ""
+
+
 def is_config_file(path: str) -> bool:
-  """``configs/<name>.py`` or ``configs/<name>.py:variant``."""
-  return path.split(":", 1)[0].endswith(".py")
+  """``configs/<name>.py`` or ``configs/<name>.py:variant`` (local or ``gs://``)."""
+  return _split(path)[0].endswith(".py")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """``get_config(variant)`` of a config file ``FILE.py[:variant]``; a ValueError names a missing file."""
-  file, _, variant = path.partition(":")
-  if not os.path.exists(file):
+  file, variant = _split(path)
+  source = epath.Path(file)
+  if not source.exists():
     raise ValueError(f"config file {file} does not exist.")
-  spec = importlib.util.spec_from_file_location(f"_shapes_only_{abs(hash(file))}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = types.ModuleType(f"_shapes_only_{abs(hash(file))}")
+  module.__file__ = file
+  exec(compile(source.read_text(), file, "exec"), module.__dict__)  # pylint: disable=exec-used
   return module.get_config(variant or None)

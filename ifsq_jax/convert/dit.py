@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
+from ifsq_jax import paths
 from ifsq_jax.convert import torch_io
 from ifsq_jax.models.dit import DIT_SIZES, DiT, dit_config, example_inputs, rope_tables
 
@@ -280,25 +281,19 @@ def fields_from_reference(run: dict[str, Any]) -> dict[str, Any]:
                     encoder_depth=encoder_depth, z_dim=z_dim)
 
 
-def read_checkpoint(path: str, use_ema: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+def read_checkpoint(path: epath.PathLike, use_ema: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
   """(state dict, the run config saved in it or None) of an official DiT checkpoint or a bare state dict."""
-  if path.endswith(".safetensors"):
+  path = epath.Path(path)
+  if path.name.endswith(".safetensors"):
     return torch_io.read_state_dict(path), None
-  if not os.path.exists(path):
+  if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist.")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise torch_io.ConversionError(f"reading {path} needs PyTorch (pip install torch==2.13.0).") from None
   try:
-    # mmap: only the weights asked for are read (the file also holds the other weights and the optimizer state);
-    # files in torch's legacy (non-zip) format cannot be mapped and are read whole.
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-      if "mmap" not in str(e):
-        raise
-      obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _torch_load(path)
   except Exception as e:  # pylint: disable=broad-except
     raise torch_io.ConversionError(f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) "
                                    f"refused it: {str(e).splitlines()[0][:300]}).") from None
@@ -309,11 +304,26 @@ def read_checkpoint(path: str, use_ema: bool = True) -> tuple[dict[str, np.ndarr
       hint = " (pass --no_ema to convert 'model')" if use_ema else ""
       raise torch_io.ConversionError(f"{path} has no {want!r} state dict; its entries are {sorted(obj)}{hint}.")
     obj = obj[want]
-  return torch_io._flatten_tensors(obj, path), config  # pylint: disable=protected-access
+  return torch_io._flatten_tensors(obj, str(path)), config  # pylint: disable=protected-access
 
 
-def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, config: str | None = None,
-                 use_ema: bool = True) -> str:
+def _torch_load(path: epath.Path) -> Any:
+  """``torch.load(weights_only=True)`` of a local file (memory-mapped) or a file in a bucket (read as a stream)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if not paths.is_remote(path):
+    # mmap: only the weights asked for are read (the file also holds the other weights and the optimizer state);
+    # files in torch's legacy (non-zip) format cannot be mapped and are read whole.
+    try:
+      return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+      if "mmap" not in str(e):
+        raise
+  with path.open("rb") as f:
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def convert_file(checkpoint: epath.PathLike, out_dir: epath.PathLike, allow_partial: bool = False,
+                 config: epath.PathLike | None = None, use_ema: bool = True) -> str:
   """Converts an official DiT checkpoint into ``out_dir`` (params.safetensors + config.json); returns a summary."""
   sd, saved = read_checkpoint(checkpoint, use_ema)
   if config:
@@ -322,11 +332,10 @@ def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, con
     except ImportError:
       raise torch_io.ConversionError("reading --config needs PyYAML (pip install pyyaml); without --config the "
                                      "run config saved in the checkpoint is used.") from None
-    with open(config) as f:
-      try:
-        saved = yaml.safe_load(f)
-      except yaml.YAMLError as e:
-        raise torch_io.ConversionError(f"{config} is not a YAML run config: {str(e)[:300]}") from None
+    try:
+      saved = yaml.safe_load(epath.Path(config).read_text())
+    except yaml.YAMLError as e:
+      raise torch_io.ConversionError(f"{config} is not a YAML run config: {str(e)[:300]}") from None
   if not isinstance(saved, dict) or not saved:
     where = f"{config} is not a run config (a YAML mapping)" if config else f"{checkpoint} holds no run config"
     raise torch_io.ConversionError(f"{where}; pass --config RUN_YAML (the run's run.yaml).")
@@ -338,11 +347,11 @@ def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, con
   return f"DiT-{name}/{fields['patch_size']}" + (f" ({dropped.summary()})" if dropped else "")
 
 
-def load(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """(DiT fields, params) from a directory written by ``python -m ifsq_jax.convert dit``."""
   params, config = torch_io.load_converted(path, "dit")
   return dict(config["model"]), params
 
 
-def exists(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "params.safetensors"))
+def exists(path: epath.PathLike) -> bool:
+  return torch_io.exists(path)

@@ -26,13 +26,13 @@ D width, K heads, d head width, V vocabulary.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from ifsq_jax.convert import torch_io
 from ifsq_jax.convert.dit import DINOV2_WIDTHS, Entry, read_checkpoint, torch_shape
@@ -264,21 +264,20 @@ def _check_vocab(run: dict[str, Any], vocab_sizes: tuple[int, ...]) -> None:
                                      f"checkpoint's token embeddings have vocabulary {vocab_sizes}.")
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def _read_yaml(path: epath.PathLike) -> dict[str, Any]:
   try:
     import yaml  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise torch_io.ConversionError("reading --config needs PyYAML (pip install pyyaml); without --config the "
                                    "run config saved in the checkpoint is used.") from None
-  with open(path) as f:
-    try:
-      return yaml.safe_load(f)
-    except yaml.YAMLError as e:
-      raise torch_io.ConversionError(f"{path} is not a YAML run config: {str(e)[:300]}") from None
+  try:
+    return yaml.safe_load(epath.Path(path).read_text())
+  except yaml.YAMLError as e:
+    raise torch_io.ConversionError(f"{path} is not a YAML run config: {str(e)[:300]}") from None
 
 
-def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, config: str | None = None,
-                 use_ema: bool = True) -> str:
+def convert_file(checkpoint: epath.PathLike, out_dir: epath.PathLike, allow_partial: bool = False,
+                 config: epath.PathLike | None = None, use_ema: bool = True) -> str:
   """Converts an official LlamaGen checkpoint into ``out_dir`` (params.safetensors + config.json); returns a summary."""
   sd, saved = read_checkpoint(checkpoint, use_ema)
   if config:
@@ -297,11 +296,11 @@ def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, con
   return summary + (f" ({dropped.summary()})" if dropped else "")
 
 
-def load(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """(LlamaGen fields, params) from a directory written by ``python -m ifsq_jax.convert llamagen``."""
   params, config = torch_io.load_converted(path, "llamagen")
   return llamagen_config(**{k: v for k, v in config["model"].items() if k != "dtype"}), params
 
 
-def exists(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "params.safetensors"))
+def exists(path: epath.PathLike) -> bool:
+  return torch_io.exists(path)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from ifsq_jax.convert import torch_io
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
@@ -119,13 +119,17 @@ def convert(sd: dict[str, np.ndarray], cfg: TokenizerConfig, allow_partial: bool
   return {"params": jax.tree_util.tree_map_with_path(take, abstract["params"])}
 
 
-def read_checkpoint(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
+def read_checkpoint(path: epath.PathLike, use_ema: bool = True) -> dict[str, np.ndarray]:
   """An official checkpoint's (EMA) state dict, or a bare state dict."""
-  if path.endswith(".safetensors"):
+  path = epath.Path(path)
+  if path.name.endswith(".safetensors"):
     return torch_io.read_state_dict(path)
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint {path} does not exist.")
   import torch  # pylint: disable=g-import-not-at-top
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as f:
+      obj = torch.load(f, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise torch_io.ConversionError(f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) "
                                    f"refused it: {str(e).splitlines()[0][:300]}).") from None
@@ -134,15 +138,14 @@ def read_checkpoint(path: str, use_ema: bool = True) -> dict[str, np.ndarray]:
       if isinstance(obj.get(key), dict):
         obj = obj[key]
         break
-  return torch_io._flatten_tensors(obj, path)  # pylint: disable=protected-access
+  return torch_io._flatten_tensors(obj, str(path))  # pylint: disable=protected-access
 
 
-def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False, config: str | None = None,
-                 use_ema: bool = True) -> str:
+def convert_file(checkpoint: epath.PathLike, out_dir: epath.PathLike, allow_partial: bool = False,
+                 config: epath.PathLike | None = None, use_ema: bool = True) -> str:
   if not config:
     raise torch_io.ConversionError("the tokenizer converter needs --config RUN_JSON (the model's run.json).")
-  with open(config) as f:
-    cfg = config_from_reference(json.load(f))
+  cfg = config_from_reference(json.loads(epath.Path(config).read_text()))
   dropped = torch_io.Dropped()
   variables = convert(read_checkpoint(checkpoint, use_ema), cfg, allow_partial, dropped)
   torch_io.save_converted(out_dir, variables["params"], {"kind": "tokenizer", "model": _cfg_json(cfg)})
@@ -161,10 +164,10 @@ def cfg_from_json(d: dict[str, Any]) -> TokenizerConfig:
   return TokenizerConfig(**d)
 
 
-def load(path: str) -> tuple[TokenizerConfig, dict[str, Any]]:
+def load(path: epath.PathLike) -> tuple[TokenizerConfig, dict[str, Any]]:
   params, config = torch_io.load_converted(path, "tokenizer")
   return cfg_from_json(config["model"]), {"params": params}
 
 
-def exists(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "params.safetensors"))
+def exists(path: epath.PathLike) -> bool:
+  return torch_io.exists(path)

@@ -3,7 +3,8 @@
 Input: a ``.safetensors`` file, or a ``.pth`` / ``.pt`` / ``.ckpt`` read with
 ``torch.load(weights_only=True)`` (never unpickling arbitrary code). Output: a
 directory with ``params.safetensors`` (the flattened param tree, keys joined with
-``/``) and ``config.json`` (what is needed to rebuild the module).
+``/``) and ``config.json`` (what is needed to rebuild the module). Every path may be
+local or ``gs://...`` (:mod:`ifsq_jax.paths`).
 """
 
 from __future__ import annotations
@@ -11,38 +12,48 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from ifsq_jax import paths
 
 
 class ConversionError(ValueError):
   """A checkpoint that cannot be converted (unsafe, unmapped or missing keys)."""
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
+def read_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
   """A PyTorch state dict as float32/int numpy arrays."""
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist.")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      return dict(load_file(path))
-    except Exception:  # bf16 tensors: go through torch  # pylint: disable=broad-except
-      from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top
-      return {k: v.float().numpy() for k, v in load_torch(path).items()}
+  if path.name.endswith(".safetensors"):
+    return read_safetensors(path)
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ConversionError(f"reading {path} needs PyTorch (pip install torch==2.13.0), or give a .safetensors file."
                           ) from None
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as f:
+      obj = torch.load(f, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise ConversionError(f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) refused it: "
                           f"{str(e).splitlines()[0][:300]}). Only state dicts of tensors are accepted.") from None
-  return _flatten_tensors(obj, path)
+  return _flatten_tensors(obj, str(path))
+
+
+def read_safetensors(path: epath.PathLike) -> dict[str, np.ndarray]:
+  """The tensors of a ``.safetensors`` file as numpy arrays (bfloat16 ones as float32, through torch)."""
+  data = epath.Path(path).read_bytes()
+  from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
+  try:
+    return dict(load(data))
+  except Exception:  # bf16 tensors: go through torch  # pylint: disable=broad-except
+    from safetensors.torch import load as load_torch  # pylint: disable=g-import-not-at-top
+    return {k: v.float().numpy() for k, v in load_torch(data).items()}
 
 
 def _flatten_tensors(obj: Any, path: str) -> dict[str, np.ndarray]:
@@ -78,12 +89,18 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
   return tree
 
 
-def save_converted(out_dir: str, params: dict[str, Any], config: dict[str, Any]) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(flatten(params), os.path.join(out_dir, "params.safetensors"))
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+def save_converted(out_dir: epath.PathLike, params: dict[str, Any], config: dict[str, Any]) -> None:
+  """Writes ``params.safetensors`` and ``config.json`` into ``out_dir`` (each file atomically)."""
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths.write_bytes(out_dir / "params.safetensors", save(flatten(params)))
+  paths.write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
+
+
+def exists(path: epath.PathLike) -> bool:
+  """Whether ``path`` holds converted weights (``params.safetensors``)."""
+  return (epath.Path(path) / "params.safetensors").exists()
 
 
 WHERE = {
@@ -95,20 +112,20 @@ WHERE = {
 }
 
 
-def load_converted(path: str, expect_kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_converted(path: epath.PathLike, expect_kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(params, config) from a directory written by ``python -m ifsq_jax.convert``."""
-  cfg_path, par_path = os.path.join(path, "config.json"), os.path.join(path, "params.safetensors")
-  if not (os.path.exists(cfg_path) and os.path.exists(par_path)):
+  root = epath.Path(path)
+  cfg_path, par_path = root / "config.json", root / "params.safetensors"
+  if not (cfg_path.exists() and par_path.exists()):
     raise FileNotFoundError(
         f"{path} holds no converted {expect_kind} weights (config.json + params.safetensors). They are converted "
         f"from {WHERE.get(expect_kind, 'the original PyTorch checkpoint')}: "
         f"python -m ifsq_jax.convert {expect_kind} --checkpoint FILE --out {path}")
-  with open(cfg_path) as f:
-    config = json.load(f)
+  config = json.loads(cfg_path.read_text())
   if config.get("kind") != expect_kind:
     raise ConversionError(f"{path} holds {config.get('kind')!r} weights, not {expect_kind!r}.")
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return unflatten(dict(load_file(par_path))), config
+  from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
+  return unflatten(dict(load(par_path.read_bytes()))), config
 
 
 @dataclasses.dataclass

@@ -65,7 +65,7 @@ def load_model(path: str, ema: bool = True, dtype: Any = jnp.float32) -> tuple[D
   ``config.json``); fields a config lacks take their defaults.
 
   Args:
-    path: The directory.
+    path: The directory (local or ``gs://...``).
     ema: EMA weights (work dirs only; a converted directory holds the weights it was converted from).
     dtype: Compute dtype of the returned module (params are float32 either way).
 

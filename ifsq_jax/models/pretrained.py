@@ -56,7 +56,7 @@ class LoadedTokenizer:
 
 def load_tokenizer(path: str, dtype: Any = jnp.float32, ema: bool = True) -> LoadedTokenizer:
   """A ready tokenizer from a training work dir, its ``checkpoints`` dir or one step dir, or a directory written by
-  ``python -m ifsq_jax.convert tokenizer``.
+  ``python -m ifsq_jax.convert tokenizer``; local or ``gs://...``.
 
   From a work dir: the newest readable checkpoint (an unreadable newer one is
   skipped with a warning), its EMA weights by default (``ema=False``: the trained

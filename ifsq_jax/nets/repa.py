@@ -26,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from ifsq_jax import shapes_only
 
@@ -108,11 +108,11 @@ def _dinov2_shapes(path: str) -> RepaTarget:
   from ifsq_jax.nets import dinov2  # pylint: disable=g-import-not-at-top
   config = {}
   if path:
-    if not os.path.exists(os.path.join(path, "config.json")):
+    file = epath.Path(path) / "config.json"
+    if not file.exists():
       raise ValueError(f"{path} holds no converted DINOv2 config.json; leave config.repa.path empty to compile "
                        "with DINOv2-B/14's shapes.")
-    with open(os.path.join(path, "config.json")) as f:
-      config = {k: v for k, v in json.load(f).items() if k != "kind"}
+    config = {k: v for k, v in json.loads(file.read_text()).items() if k != "kind"}
   module = dinov2.DinoV2(dinov2.DinoConfig(**config))
   x = jnp.zeros((1, 2 * module.cfg.patch, 2 * module.cfg.patch, 3), jnp.float32)
   return _dinov2_target(module, shapes_only.init_shapes(module.init, x))
@@ -168,10 +168,9 @@ def target_dim(name: str, path: str = "") -> int:
   if name == "dinov2":
     if not path:
       return 768  # DINOv2-B/14, the paper's target
-    config = os.path.join(path, "config.json")
-    if not os.path.exists(config):
+    config = epath.Path(path) / "config.json"
+    if not config.exists():
       raise ValueError(f"{path} holds no converted DINOv2 weights (config.json + params.safetensors); make them "
                        f"with `python -m ifsq_jax.convert dinov2 --checkpoint dinov2_vitb14.pth --out {path}`.")
-    with open(config) as f:
-      return int(json.load(f)["width"])
+    return int(json.loads(config.read_text())["width"])
   raise ValueError(f"REPA target {name!r} is not valid; use one of {TARGETS}.")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+from etils import epath
+
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -35,7 +37,7 @@ class _ArraysOnly(pickle.Unpickler):
     return super().find_class(module, name)
 
 
-def load_arrays(path: str) -> Any:
+def load_arrays(path: epath.PathLike) -> Any:
   """A pickle of (nested dicts of) numpy arrays, read without executing code."""
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     return _ArraysOnly(f).load()
