@@ -17,7 +17,7 @@ Usage::
   python -m ifsq_jax.tools.activation_analysis --out DIR
 
 It writes ``DIR/activation_analysis.md`` (Markdown tables), ``.json`` (all numbers,
-occupancies included) and ``.png`` (a plot).
+occupancies included) and ``.png`` (a plot); ``DIR`` may be ``gs://...``.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import argparse
 import dataclasses
 import json
 import math
-import pathlib
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from scipy import special
 
 from ifsq_jax.quantizers.fsq import FSQ
@@ -143,7 +143,7 @@ def markdown_table(rows: list[dict]) -> str:
   return head + "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: pathlib.Path, levels: int = 17) -> None:
+def plot(rows: list[dict], path: epath.PathLike, levels: int = 17) -> None:
   """Occupancy at std 1 (tanh vs iFSQ) and entropy against alpha, for one level count."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -167,13 +167,15 @@ def plot(rows: list[dict], path: pathlib.Path, levels: int = 17) -> None:
   ax1.set(xlabel="alpha", ylabel="entropy (bits)", title=f"Entropy vs alpha, L={levels} (dotted: FSQ tanh)")
   ax1.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
 
 
-def run_analysis(out: pathlib.Path, samples: int = 2**21, seed: int = 0, levels: Sequence[int] = LEVELS,
+def run_analysis(out: epath.PathLike, samples: int = 2**21, seed: int = 0, levels: Sequence[int] = LEVELS,
                  stds: Sequence[float] = STDS, alphas: Sequence[float] = ALPHAS) -> list[dict]:
   """Runs every measurement and writes the Markdown, JSON and PNG files into ``out``."""
+  out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   rows = []
   for level in levels:
@@ -195,7 +197,7 @@ def run_analysis(out: pathlib.Path, samples: int = 2**21, seed: int = 0, levels:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
+  parser.add_argument("--out", required=True, type=epath.Path, help="output directory (local or gs://)")
   parser.add_argument("--samples", type=int, default=2**21, help="samples per input scale")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)

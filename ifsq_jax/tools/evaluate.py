@@ -15,7 +15,7 @@ and ``channel_entropy_bits``); see :mod:`ifsq_jax.eval.reconstruction`.
 
 With a training work dir the dataset and image size default to the run's own.
 The output defaults to ``<tokenizer>/eval_<split>.json``; an existing file is
-kept as ``<name>.<n>``.
+kept as ``<name>.<n>``. The tokenizer, the output and the data may be ``gs://...``.
 
 Sharding: each batch is split over this process's devices; several processes
 (``jax.distributed``: ``--num_processes``, ``--process_id``,
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -36,7 +35,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from ifsq_jax import config_lib, parallel
+from ifsq_jax import config_lib, parallel, paths
 from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.tools import cli
@@ -99,9 +98,7 @@ def _write(path: epath.Path, result: dict[str, Any]) -> None:
     while path.parent.joinpath(f"{path.name}.{n}").exists():
       n += 1
     path.rename(path.parent / f"{path.name}.{n}")
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(result, indent=2))
-  tmp.rename(path)
+  paths.write_text(path, json.dumps(result, indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   result = {"tokenizer": args.tokenizer, "weights": "raw" if args.raw else "ema", "split": args.split,
             "image_size": image_size, **result, "seconds": round(time.time() - start, 1)}
   if jax.process_index() == 0:
-    out = epath.Path(args.out or os.path.join(args.tokenizer, f"eval_{args.split}.json"))
+    out = epath.Path(args.out) if args.out else epath.Path(args.tokenizer) / f"eval_{args.split}.json"
     _write(out, result)
     print(json.dumps(result, indent=2))
     print(f"Wrote {out}")

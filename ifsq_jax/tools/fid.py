@@ -32,7 +32,7 @@ The reference's features are computed once and cached beside it (or in
 ``--cache_dir``): ``<name>.inception-<key>.npz`` (pool features and statistics;
 the key covers the weights, the preprocessing and the reference file's size and
 time) and ``<name>.vgg16-<key>.npz``. Samples are read in batches, never whole.
-One process on its default device.
+One process on its default device. Every path may be ``gs://...``.
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import sys
 import zipfile
 from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
+from ifsq_jax import paths
 from ifsq_jax.eval import fid, generative
 from ifsq_jax.kernels.cpu import host_memory
 
@@ -60,23 +61,24 @@ CONVERT_HINT = ("FID, sFID, the Inception Score, precision and recall need the F
 STATS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
-def _members(path: str) -> list[str]:
+def _members(path: epath.PathLike) -> list[str]:
   """Array names of an ``.npz``."""
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     raise FileNotFoundError(f"{path} does not exist.")
   try:
-    with zipfile.ZipFile(path) as zf:
+    with path.open("rb") as file, zipfile.ZipFile(file) as zf:
       return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
   except zipfile.BadZipFile:
     raise ValueError(f"{path} is not an .npz file (a zip of .npy arrays, as np.savez writes).") from None
 
 
 @contextlib.contextmanager
-def _npy_member(path: str, key: str) -> Iterator[tuple[Any, tuple[int, ...], np.dtype]]:
+def _npy_member(path: epath.PathLike, key: str) -> Iterator[tuple[Any, tuple[int, ...], np.dtype]]:
   """(file object at the start of the data, shape, dtype) of array ``key`` of an ``.npz``, nothing read yet."""
   if key not in _members(path):
     raise ValueError(f"{path} has no {key!r}: ADM's batches hold the images as 'arr_0' (it has {_members(path)}).")
-  with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+  with epath.Path(path).open("rb") as file, zipfile.ZipFile(file) as zf, zf.open(f"{key}.npy") as f:
     version = np.lib.format.read_magic(f)
     if version not in ((1, 0), (2, 0)):
       raise ValueError(f"{path}:{key} is a .npy of format {version}; write it with np.savez (format 1.0 or 2.0).")
@@ -87,7 +89,7 @@ def _npy_member(path: str, key: str) -> Iterator[tuple[Any, tuple[int, ...], np.
     yield f, shape, dtype
 
 
-def check_images(path: str, key: str = "arr_0") -> tuple[int, ...]:
+def check_images(path: epath.PathLike, key: str = "arr_0") -> tuple[int, ...]:
   """The shape (N, H, W, 3) of the uint8 images ``key`` of an ``.npz``, read from its header.
 
   Raises:
@@ -103,7 +105,7 @@ def check_images(path: str, key: str = "arr_0") -> tuple[int, ...]:
     return tuple(shape)
 
 
-def iter_images(path: str, batch: int, key: str = "arr_0") -> Iterator[np.ndarray]:
+def iter_images(path: epath.PathLike, batch: int, key: str = "arr_0") -> Iterator[np.ndarray]:
   """uint8 batches (<= batch, H, W, 3) of the images of an ``.npz``, read one batch at a time."""
   shape = check_images(path, key)
   per_image = int(np.prod(shape[1:]))
@@ -125,7 +127,7 @@ class FeatureExtractor:
     preprocess: The Inception's input pipeline (``adm`` or ``pytorch_fid``).
   """
 
-  def __init__(self, inception_dir: str | None, batch: int = 64, preprocess: str = "adm"):
+  def __init__(self, inception_dir: epath.PathLike | None, batch: int = 64, preprocess: str = "adm"):
     self.batch = batch
     self.preprocess = preprocess
     self.inception_key = None
@@ -137,7 +139,7 @@ class FeatureExtractor:
       self.has_logits = inception.has_classifier(variables)
       outputs = ("pool", "spatial") + (("logits_unbiased",) if self.has_logits else ())
       self._inception = functools.partial(_compiled_inception(module, outputs), variables)
-      self.inception_key = _file_digest(os.path.join(inception_dir, "params.safetensors"))
+      self.inception_key = _file_digest(epath.Path(inception_dir) / "params.safetensors")
 
   @property
   def has_inception(self) -> bool:
@@ -165,15 +167,15 @@ def _compiled_inception(module: Any, outputs: tuple[str, ...]):
   return jax.jit(functools.partial(module.apply, outputs=outputs))
 
 
-def _file_digest(path: str) -> str:
+def _file_digest(path: epath.PathLike) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for block in iter(functools.partial(f.read, 1 << 24), b""):
       h.update(block)
   return h.hexdigest()
 
 
-def _features(path: str, extractor: FeatureExtractor, inception: bool = True) -> dict[str, Any]:
+def _features(path: epath.PathLike, extractor: FeatureExtractor, inception: bool = True) -> dict[str, Any]:
   """Statistics (``FeatureStats``) of every feature of the images of ``path``, and the pool features and logits."""
   stats: dict[str, fid.FeatureStats] = {}
   kept: dict[str, list[np.ndarray]] = {"pool": [], "logits_unbiased": []}
@@ -190,24 +192,23 @@ def _features(path: str, extractor: FeatureExtractor, inception: bool = True) ->
   return {"count": count, "stats": stats, **{k: np.concatenate(v) if v else None for k, v in kept.items()}}
 
 
-def _cache_path(ref: str, cache_dir: str | None, kind: str, *key_parts: str) -> str:
-  st = os.stat(ref)
-  key = hashlib.sha256("|".join((*key_parts, str(st.st_size), str(st.st_mtime_ns))).encode()).hexdigest()[:16]
-  base = os.path.splitext(os.path.basename(ref))[0]
-  return os.path.join(cache_dir or os.path.dirname(os.path.abspath(ref)), f"{base}.{kind}-{key}.npz")
+def _cache_path(ref: epath.PathLike, cache_dir: epath.PathLike | None, kind: str, *key_parts: str) -> epath.Path:
+  ref = paths.absolute(ref)
+  st = ref.stat()  # size and modification time (whole seconds: what a bucket's object gives)
+  key = hashlib.sha256("|".join((*key_parts, str(st.length), str(st.mtime))).encode()).hexdigest()[:16]
+  return (epath.Path(cache_dir) if cache_dir else ref.parent) / f"{ref.stem}.{kind}-{key}.npz"
 
 
-def _save_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
+def _save_cache(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with paths.atomic_open(path) as f:
+      np.savez(f, **arrays)
   except OSError as e:  # a read-only reference directory: go on without the cache
     logging.warning("Could not cache the reference features at %s (%s); use --cache_dir.", path, e)
 
 
-def reference_features(ref: str, extractor: FeatureExtractor, cache_dir: str | None = None) -> dict[str, np.ndarray]:
+def reference_features(ref: epath.PathLike, extractor: FeatureExtractor, cache_dir: epath.PathLike | None = None) -> dict[str, np.ndarray]:
   """The reference images' features for the metrics, computed once and cached.
 
   Returns:
@@ -224,8 +225,8 @@ def reference_features(ref: str, extractor: FeatureExtractor, cache_dir: str | N
   inc_path = (_cache_path(ref, cache_dir, "inception", extractor.inception_key, extractor.preprocess)
               if extractor.has_inception else None)
   for path in (vgg_path, inc_path):
-    if path and os.path.exists(path):
-      with np.load(path) as f:
+    if path and path.exists():
+      with path.open("rb") as file, np.load(file) as f:
         out.update({k: f[k] for k in f.files})
   need_vgg, need_inception = "vgg_mu" not in out, inc_path is not None and "pool" not in out
   if need_vgg or need_inception:
@@ -243,15 +244,15 @@ def reference_features(ref: str, extractor: FeatureExtractor, cache_dir: str | N
   return out
 
 
-def _published_stats(ref: str) -> dict[str, np.ndarray]:
+def _published_stats(ref: epath.PathLike) -> dict[str, np.ndarray]:
   """The reference's precomputed statistics (ADM's ``mu``, ``sigma``, ``mu_s``, ``sigma_s``) that it holds."""
   names = _members(ref)
-  with np.load(ref) as f:
+  with epath.Path(ref).open("rb") as file, np.load(file) as f:
     return {k: f[k] for k in STATS if k in names}
 
 
-def evaluate(samples: str, ref: str, inception_dir: str | None = None, batch: int = 64,
-             cache_dir: str | None = None, preprocess: str = "adm") -> dict[str, Any]:
+def evaluate(samples: epath.PathLike, ref: epath.PathLike, inception_dir: epath.PathLike | None = None,
+             batch: int = 64, cache_dir: epath.PathLike | None = None, preprocess: str = "adm") -> dict[str, Any]:
   """The metrics of the sample batch ``samples`` against the reference batch ``ref`` (see the module doc).
 
   Raises:
@@ -267,7 +268,7 @@ def evaluate(samples: str, ref: str, inception_dir: str | None = None, batch: in
   extractor = FeatureExtractor(inception_dir, batch, preprocess)
   ref_feats = reference_features(ref, extractor, cache_dir)
   feats = _features(samples, extractor)
-  out: dict[str, Any] = {"samples_npz": samples, "ref_npz": ref, "samples": n}
+  out: dict[str, Any] = {"samples_npz": str(samples), "ref_npz": str(ref), "samples": n}
   if "vgg_mu" in ref_feats:
     vgg = feats["stats"]["vgg16"]
     out["fd_vgg16"] = generative.frechet_distance(vgg.mu, vgg.sigma, ref_feats["vgg_mu"], ref_feats["vgg_sigma"])
@@ -325,8 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if key in result:
       print(f"{label}: {result[key]}")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+    paths.write_text(args.out, json.dumps(result, indent=2))
     print(f"Wrote {args.out}")
   return 0
 

@@ -19,7 +19,8 @@ once every shard exists, ``samples_NxHxWx3.npz`` with ``arr_0`` (N, H, W, 3) uin
 and ``arr_1`` the labels, the layout of ADM's sample batches (streamed into the
 file, never held in memory whole); ``--png`` also writes ``png/IIIIII.png``.
 ``meta.json`` records the settings; running again with other settings into the same
-directory is an error, so shards of two runs never mix.
+directory is an error, so shards of two runs never mix. Every path may be
+``gs://...`` (:mod:`ifsq_jax.paths`).
 
 Randomness is a function of (seed, sample index) and the batch layout (fixed by
 ``--shard_size``, ``--batch`` and the number of local devices, which rounds the
@@ -48,7 +49,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 import zipfile
@@ -57,8 +57,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from ifsq_jax import parallel
+from ifsq_jax import parallel, paths
 from ifsq_jax.eval import fid
 from ifsq_jax.models import loading
 from ifsq_jax.models.dit import DiT
@@ -144,12 +145,11 @@ class Generator:
     return fid.to_uint8(np.asarray(out))
 
 
-def _run_config(model_dir: str) -> dict[str, Any] | None:
-  path = os.path.join(model_dir, "config.json")
-  if loading.is_converted(model_dir) or not os.path.exists(path):
+def _run_config(model_dir: epath.PathLike) -> dict[str, Any] | None:
+  path = epath.Path(model_dir) / "config.json"
+  if loading.is_converted(model_dir) or not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def open_generator(model_dir: str, options: dict[str, Any], *, tokenizer: str = "", latent_scale: float = 0.0,
@@ -177,42 +177,38 @@ def open_generator(model_dir: str, options: dict[str, Any], *, tokenizer: str = 
   return Generator(module, params, tok, options, scale, seed, devices or jax.local_devices())
 
 
-def _workdir_latent_scale(model_dir: str) -> float:
-  path = os.path.join(model_dir, "latent.json")
-  if not os.path.exists(path):
+def _workdir_latent_scale(model_dir: epath.PathLike) -> float:
+  path = epath.Path(model_dir) / "latent.json"
+  if not path.exists():
     return 0.0
-  with open(path) as f:
-    return float(json.load(f)["latent_scale"])
+  return float(json.loads(path.read_text())["latent_scale"])
 
 
-def _check_meta(out: str, meta: dict[str, Any]) -> None:
-  path = os.path.join(out, META)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+def _check_meta(out: epath.PathLike, meta: dict[str, Any]) -> None:
+  path = epath.Path(out) / META
+  if path.exists():
+    old = json.loads(path.read_text())
     differ = [f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in meta if old.get(k) != meta[k]]
     if differ:
       raise ValueError(f"{out} holds samples of other settings ({'; '.join(differ)}); sample into a new --out "
                        "directory.")
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(meta, indent=2))
 
 
-def write_shards(gen: Generator, out: str, labels: np.ndarray, *, shard_size: int, batch: int, png: bool = False,
+def write_shards(gen: Generator, out: epath.PathLike, labels: np.ndarray, *, shard_size: int, batch: int, png: bool = False,
                  process_id: int = 0, num_processes: int = 1, max_shards: int | None = None) -> list[int]:
   """Writes this process's missing shards (p, p + P, ...); returns the shards written.
 
   ``max_shards`` stops after that many (a deliberate interruption, for tests).
   """
+  out = epath.Path(out)
   n = len(labels)
   count = math.ceil(n / shard_size)
   devices = math.prod(gen.mesh.devices.shape)
   per_call = generator_lib.round_up(min(batch, shard_size), devices)
   mine = [s for s in range(process_id, count, num_processes)]
-  todo = [s for s in mine if not os.path.exists(os.path.join(out, shard_name(s, count)))]
+  todo = [s for s in mine if not (out / shard_name(s, count)).exists()]
   logging.info("Process %d of %d: %d of its %d shards to write (%d images each)", process_id, num_processes,
                len(todo), len(mine), shard_size)
   written, start_time, done_images = [], time.time(), 0
@@ -224,15 +220,12 @@ def write_shards(gen: Generator, out: str, labels: np.ndarray, *, shard_size: in
       real = idx[idx < hi]
       images.append(gen.images(idx, labels[np.minimum(idx, n - 1)])[:len(real)])
     images = np.concatenate(images)
-    path = os.path.join(out, shard_name(s, count))
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, arr_0=images, labels=labels[lo:hi], index=np.arange(lo, hi))
-    os.replace(tmp, path)
+    with paths.atomic_open(out / shard_name(s, count)) as f:
+      np.savez(f, arr_0=images, labels=labels[lo:hi], index=np.arange(lo, hi))
     if png:
       from ifsq_jax.train import writers  # pylint: disable=g-import-not-at-top
-      os.makedirs(os.path.join(out, "png"), exist_ok=True)
       for i, image in zip(range(lo, hi), images):
-        writers.save_png(image, os.path.join(out, "png", f"{i:06d}.png"))
+        writers.save_png(image, out / "png" / f"{i:06d}.png")
     written.append(s)
     done_images += hi - lo
     rate = done_images / (time.time() - start_time)
@@ -242,31 +235,31 @@ def write_shards(gen: Generator, out: str, labels: np.ndarray, *, shard_size: in
   return written
 
 
-def pack(out: str, num: int, shard_size: int) -> str:
+def pack(out: epath.PathLike, num: int, shard_size: int) -> str:
   """``samples_NxHxWx3.npz`` (``arr_0`` images, ``arr_1`` labels) from the shards, streamed shard by shard."""
+  out = epath.Path(out)
   count = math.ceil(num / shard_size)
-  paths = [os.path.join(out, shard_name(s, count)) for s in range(count)]
-  missing = [p for p in paths if not os.path.exists(p)]
+  shards = [out / shard_name(s, count) for s in range(count)]
+  missing = [p for p in shards if not p.exists()]
   if missing:
     raise FileNotFoundError(f"{len(missing)} of {count} shards are missing (first: {missing[0]}); run the sampler "
                             "again to write them.")
-  with np.load(paths[0]) as first:
+  with shards[0].open("rb") as file, np.load(file) as first:
     shape = (num,) + first["arr_0"].shape[1:]
-  name = os.path.join(out, "samples_" + "x".join(map(str, shape)) + ".npz")
+  name = out / ("samples_" + "x".join(map(str, shape)) + ".npz")
   labels = []
-  tmp = name + ".tmp"
-  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+  # A bucket's file is written as a stream (no seeking back): zipfile then writes each member's sizes after it.
+  with paths.atomic_open(name) as file, zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
     with zf.open("arr_0.npy", "w", force_zip64=True) as f:
       np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                "fortran_order": False, "shape": shape})
-      for p in paths:
-        with np.load(p) as shard:
+      for p in shards:
+        with p.open("rb") as shard_file, np.load(shard_file) as shard:
           f.write(np.ascontiguousarray(shard["arr_0"], np.uint8).tobytes())
           labels.append(shard["labels"])
     with zf.open("arr_1.npy", "w") as f:
       np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
-  os.replace(tmp, name)
-  return name
+  return str(name)
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int | None, process_id: int | None) -> None:
@@ -357,27 +350,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                          group_sizes=args.group_sizes, seed=args.seed)
   except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
-  os.makedirs(args.out, exist_ok=True)
-  meta = {"model": os.path.abspath(args.model), "kind": kind, "num": args.num, "labels": args.labels,
+  out = epath.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  meta = {"model": str(paths.absolute(args.model)), "kind": kind, "num": args.num, "labels": args.labels,
           "num_classes": num_classes, "seed": args.seed, "batch": args.batch, "shard_size": args.shard_size,
           "options": options, "latent_scale": gen.latent_scale}
   try:
-    _check_meta(args.out, meta)
+    _check_meta(out, meta)
   except ValueError as e:
     parser.error(str(e))
   labels = make_labels(args.num, num_classes, args.seed, args.labels)
-  write_shards(gen, args.out, labels, shard_size=args.shard_size, batch=args.batch, png=args.png,
+  write_shards(gen, out, labels, shard_size=args.shard_size, batch=args.batch, png=args.png,
                process_id=process_id, num_processes=num_processes, max_shards=args.max_shards)
   if process_id != 0:
     return 0
   count = math.ceil(args.num / args.shard_size)
-  while sum(os.path.exists(os.path.join(args.out, shard_name(s, count))) for s in range(count)) < count:
+  while sum((out / shard_name(s, count)).exists() for s in range(count)) < count:
     if args.max_shards is not None:
       logging.info("Stopped after --max_shards=%d; run again to continue.", args.max_shards)
       return 0
     logging.info("Waiting for the other processes' shards ...")
     time.sleep(10)
-  logging.info("Wrote %s", pack(args.out, args.num, args.shard_size))
+  logging.info("Wrote %s", pack(out, args.num, args.shard_size))
   return 0
 
 

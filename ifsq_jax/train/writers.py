@@ -3,7 +3,14 @@
 Process 0 writes TensorBoard event files (clu's ``SummaryWriter``), the log, and
 ``metrics.jsonl`` (one JSON object per logged step, with ``step``) in the work
 dir; other processes only log. Image grids are also written as PNG files under
-``<workdir>/images/``.
+``<workdir>/images/``. The work dir may be ``gs://...``: ``metrics.jsonl`` is then
+written again whole at every logged step (a bucket's objects cannot be appended
+to), so each logged line is stored before the step's checkpoint starts.
+
+TensorBoard event files go through TensorFlow's own filesystem, which reaches
+real buckets but not a GCS emulator (it ignores ``STORAGE_EMULATOR_HOST``): with
+that variable set and a ``gs://`` work dir they are not written (a warning says
+so); ``metrics.jsonl`` holds the same scalars.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from typing import Any, Mapping
 
 import jax
@@ -19,6 +27,8 @@ from clu import metric_writers
 from clu.metric_writers import interface
 from etils import epath
 from PIL import Image
+
+from ifsq_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -29,14 +39,29 @@ def _scalar(v: Any) -> float | int:
 
 
 class JsonlWriter(interface.MetricWriter):
-  """Appends ``{"step": step, **scalars}`` lines to a JSON-lines file."""
+  """Appends ``{"step": step, **scalars}`` lines to a JSON-lines file.
+
+  A local file is appended to and flushed at every line. A file in a bucket is
+  kept in memory and written again whole at every line (objects cannot be
+  appended to; GCS replaces an object whole, so readers never see a part).
+  """
 
   def __init__(self, path: epath.PathLike):
     self.path = epath.Path(path)
-    self._file = self.path.open("a")
+    self._remote = paths.is_remote(self.path)
+    if self._remote:
+      self._text = self.path.read_text() if self.path.exists() else ""
+      self._file = None
+    else:
+      self._file = self.path.open("a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    self._file.write(json.dumps({"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}) + "\n")
+    line = json.dumps({"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}) + "\n"
+    if self._remote:
+      self._text += line
+      self.path.write_text(self._text)
+      return
+    self._file.write(line)
     self._file.flush()
 
   def write_summaries(self, step, values, metadata=None):
@@ -64,10 +89,12 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def rewind_metrics(workdir: epath.PathLike, step: int) -> None:
@@ -86,21 +113,42 @@ def rewind_metrics(workdir: epath.PathLike, step: int) -> None:
     except (ValueError, KeyError, TypeError):
       keep.append(line)
   if orphaned:
-    with (epath.Path(workdir) / (METRICS_FILE + ".orphaned")).open("a") as f:
-      f.write("\n".join(orphaned) + "\n")
-    path.write_text("".join(line + "\n" for line in keep))
+    paths.append_text(epath.Path(workdir) / (METRICS_FILE + ".orphaned"), "\n".join(orphaned) + "\n")
+    paths.write_text(path, "".join(line + "\n" for line in keep))
 
 
-def create_writer(workdir: epath.PathLike) -> metric_writers.MetricWriter:
-  """TensorBoard + log + metrics.jsonl on process 0; log only elsewhere."""
+def tensorboard_reachable(workdir: epath.PathLike) -> bool:
+  """Whether TensorFlow's filesystem can write TensorBoard event files under ``workdir``.
+
+  It cannot reach a GCS emulator: TensorFlow's GCS filesystem ignores
+  ``STORAGE_EMULATOR_HOST`` and would try the real service.
+  """
+  return not (os.fspath(workdir).startswith("gs://") and os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+def create_writer(workdir: epath.PathLike, tensorboard: bool | None = None) -> metric_writers.MetricWriter:
+  """TensorBoard + log + metrics.jsonl on process 0; log only elsewhere.
+
+  Args:
+    workdir: The run's work dir.
+    tensorboard: Whether to write TensorBoard event files under ``<workdir>/tensorboard``; by default
+      wherever TensorFlow can (:func:`tensorboard_reachable`: not a ``gs://`` work dir under a GCS emulator).
+  """
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
   workdir = epath.Path(workdir)
   writers = [metric_writers.LoggingWriter(), JsonlWriter(workdir / METRICS_FILE)]
-  try:
-    writers.append(metric_writers.SummaryWriter(str(workdir / "tensorboard")))
-  except ImportError as e:  # TensorBoard event files need tensorflow.
-    logging.warning("No TensorBoard event files (%s); metrics still go to %s.", e, METRICS_FILE)
+  if tensorboard is None:
+    tensorboard = tensorboard_reachable(workdir)
+    if not tensorboard:
+      logging.warning("No TensorBoard event files: TensorFlow's GCS filesystem cannot reach the GCS emulator at "
+                      "STORAGE_EMULATOR_HOST=%s; metrics still go to %s.", os.environ["STORAGE_EMULATOR_HOST"],
+                      METRICS_FILE)
+  if tensorboard:
+    try:
+      writers.append(metric_writers.SummaryWriter(str(workdir / "tensorboard")))
+    except ImportError as e:  # TensorBoard event files need tensorflow.
+      logging.warning("No TensorBoard event files (%s); metrics still go to %s.", e, METRICS_FILE)
   return metric_writers.MultiWriter(writers)
 
 
