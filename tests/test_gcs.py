@@ -1,0 +1,233 @@
+"""Every path may be ``gs://``: training, loading, the sampling / FID / evaluation tools and converted weights.
+
+Against a local GCS emulator (``gcs_emulator.py``); each test writes into its own bucket. TensorBoard event files
+are not written under the emulator (TensorFlow's GCS filesystem does not honour ``STORAGE_EMULATOR_HOST``).
+"""
+# pylint: disable=redefined-outer-name  (pytest fixtures)
+
+import dataclasses
+import io
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+from etils import epath
+from safetensors.torch import save as save_safetensors
+from transformers import Dinov2Config, Dinov2Model
+
+from conftest import REPO, subprocess_env
+from gcs_emulator import create_bucket, gcs_bucket, gcs_emulator  # noqa: F401  pylint: disable=unused-import
+
+import ifsq_jax
+from ifsq_jax import paths, shapes_only
+from ifsq_jax.convert import __main__ as convert_cli
+from ifsq_jax.convert import dinov2 as dinov2_convert
+from ifsq_jax.convert import torch_io
+from ifsq_jax.models import dit as dit_lib
+from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
+from ifsq_jax.nets import repa
+from ifsq_jax.tools import evaluate, fid, sample
+
+QUICKSTART = REPO / "configs" / "quickstart.py"
+# The quickstart at toy size: 16 px, one down / up level, L1 only, no GAN; a checkpoint every 2 steps.
+TINY_QUICKSTART = [
+    "--config.data.image_size=16", "--config.data.eval_examples=8", "--config.train.global_batch_size=8",
+    "--config.train.num_steps=6", "--config.train.log_every=1", "--config.checkpoint.every=2",
+    "--config.model.hidden_size=32", "--config.model.hidden_size_mult=(1,1)", "--config.model.num_res_blocks=1",
+    "--config.model.downsample=(True,False)", "--config.model.upsample=(False,True)",
+    "--config.model.levels=(5,5,5,5)", "--config.loss.disc_start=1000",
+]
+
+
+def _train_command(workdir):
+  return [sys.executable, "-m", "ifsq_jax.main", f"--config={QUICKSTART}", f"--workdir={workdir}", *TINY_QUICKSTART]
+
+
+def _metrics(workdir):
+  """metrics.jsonl (local or gs://) as {step: record} for the training records."""
+  records = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r for r in records if "loss" in r}
+
+
+def _without_timings(record):
+  return {k: v for k, v in record.items() if not k.startswith("perf/") and not k.endswith("_per_sec")}
+
+
+def _finalized_steps(workdir):
+  """Checkpoint steps whose save completed: in a bucket Orbax writes commit_success.txt into a step last."""
+  d = epath.Path(workdir) / "checkpoints"
+  if not d.exists():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+@pytest.fixture(scope="module")
+def tokenizer_runs(gcs_emulator, tmp_path_factory):
+  """A tiny quickstart run in a bucket, SIGKILLed after a checkpoint and resumed; an uninterrupted local run beside it.
+
+  Returns:
+    (gs:// work dir, local reference work dir, the step the killed run had saved last, the resumed run's stderr).
+  """
+  create_bucket(gcs_emulator, "tokenizer-runs")
+  work = "gs://tokenizer-runs/quickstart"
+  ref = tmp_path_factory.mktemp("reference")
+  env = subprocess_env()
+  # The uninterrupted run alongside the one to be killed: their start-up (imports, compiling) overlaps.
+  reference = subprocess.Popen(_train_command(ref), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+  killed = subprocess.Popen(_train_command(work), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  start = time.time()
+  while not _finalized_steps(work):
+    if killed.poll() is not None:
+      raise AssertionError(f"the run ended (rc {killed.returncode}) before its first checkpoint:\n"
+                           f"{killed.stdout.read()[-3000:]}")
+    assert time.time() - start < 240, "no checkpoint within 240 s"
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  killed.stdout.close()
+  killed_at = max(_finalized_steps(work))
+  out, _ = reference.communicate(timeout=300)
+  assert reference.returncode == 0, out[-3000:]
+  resumed = subprocess.run(_train_command(work), env=env, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  return work, ref, killed_at, resumed.stderr
+
+
+def test_a_run_in_a_bucket_killed_after_a_checkpoint_resumes_with_identical_losses(tokenizer_runs):
+  work, ref, killed_at, stderr = tokenizer_runs
+  assert killed_at < 6, "the run finished before it was killed"
+  assert f"Resumed from step {killed_at}" in stderr
+  assert "No TensorBoard event files" in stderr  # under the emulator, and said so
+  a, b = _metrics(ref), _metrics(work)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  for step in range(1, 7):  # bitwise on CPU (timings aside), before the kill and after the resume
+    assert "gen/grad_norm" in a[step]
+    assert _without_timings(a[step]) == _without_timings(b[step]), step
+  listing = sorted(p.name for p in (epath.Path(work) / "checkpoints").iterdir())
+  assert _finalized_steps(work) == [2, 4, 6], listing
+  root = epath.Path(work)
+  assert json.loads((root / "eval.json").read_text())["step"] == 6
+  assert (root / "config.json").exists() and list((root / "images").iterdir())
+
+
+def test_load_tokenizer_from_a_bucket_encodes_as_the_local_run(tokenizer_runs):
+  work, ref, _, _ = tokenizer_runs
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  remote, local = ifsq_jax.load_tokenizer(work), ifsq_jax.load_tokenizer(str(ref))
+  assert remote.config == local.config
+  np.testing.assert_array_equal(np.asarray(remote.encode(x)), np.asarray(local.encode(x)))
+  np.testing.assert_array_equal(np.asarray(remote.encode_to_indices(x)), np.asarray(local.encode_to_indices(x)))
+
+
+def test_evaluate_tool_reads_and_writes_a_bucket(tokenizer_runs):
+  work, _, _, _ = tokenizer_runs
+  assert evaluate.main(["--tokenizer", work, "--max_examples", "8", "--batch", "8"]) == 0
+  result = json.loads((epath.Path(work) / "eval_validation.json").read_text())
+  assert result["images"] == 8 and result["tokenizer"] == work and np.isfinite(result["psnr"])
+
+
+def _tiny_tokenizer_and_dit(root):
+  """A converted tokenizer (32 px -> 8 x 8 x 4) and a converted DiT on its codes, written under ``root``."""
+  cfg = TokenizerConfig(hidden_size=32, hidden_size_mult=(1, 1, 1), num_res_blocks=1, downsample=(True, True, False),
+                        upsample=(False, True, True), resolution=32, levels=(17, 17, 5, 5))
+  params = nn.meta.unbox(Tokenizer(cfg).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"])
+  torch_io.save_converted(root / "tok", jax.tree.map(lambda p: np.asarray(p) * 2, params),
+                          {"kind": "tokenizer", "model": dataclasses.asdict(cfg)})
+  fields = dit_lib.dit_config("S", 1, depth=1, hidden_size=32, num_heads=2, input_size=8, num_classes=5, z_dim=0)
+  fields.pop("dtype", None)
+  module = dit_lib.DiT(**fields)
+  x = np.zeros((1, 8, 8, 4), np.float32)
+  params = nn.meta.unbox(module.init(jax.random.key(2), x, np.zeros((1,)), np.zeros((1,), np.int32))["params"])
+  torch_io.save_converted(root / "dit", jax.tree.map(lambda p: np.asarray(p) + 0.02, params),
+                          {"kind": "dit", "model": fields, "weights": "ema"})
+
+
+def test_sample_tool_writes_a_bucket_and_fid_tool_reads_it_back(gcs_bucket, tmp_path):
+  bucket = epath.Path(gcs_bucket)
+  _tiny_tokenizer_and_dit(bucket)
+  module, params = ifsq_jax.load_model(str(bucket / "dit"))  # a converted directory in a bucket
+  assert module.input_size == 8 and jax.tree.leaves(params)
+
+  def run(out, *extra):
+    return sample.main(["--model", str(bucket / "dit"), "--tokenizer", str(bucket / "tok"), "--out", str(out),
+                        "--latent_scale", "1.5", "--steps", "2", "--num", "10", "--shard_size", "8", "--batch", "4",
+                        *extra])
+
+  out = bucket / "samples"
+  assert run(out, "--png", "--max_shards", "1") == 0  # stopped after one shard, as a killed run
+  assert sorted(p.name for p in out.iterdir()) == ["meta.json", "png", "shard-00000-of-00002.npz"]
+  assert run(out, "--png") == 0  # resumed: the second shard, then the packed batch
+  assert run(tmp_path / "local") == 0
+  names = ["samples_10x32x32x3.npz", "shard-00000-of-00002.npz", "shard-00001-of-00002.npz"]
+  with (out / names[0]).open("rb") as f, np.load(f) as remote, np.load(tmp_path / "local" / names[0]) as local:
+    np.testing.assert_array_equal(remote["arr_0"], local["arr_0"])
+    np.testing.assert_array_equal(remote["arr_1"], local["arr_1"])
+  assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "png", *names])  # no temporary files left
+  assert len(list((out / "png").iterdir())) == 10
+  assert json.loads((out / "meta.json").read_text())["model"] == str(bucket / "dit")
+
+  # tools.fid reads the batch back from the bucket, caches the reference's features beside it, writes its JSON there.
+  ref = bucket / "ref" / "ref.npz"
+  paths.write_bytes(ref, (tmp_path / "local" / names[0]).read_bytes())
+  metrics = bucket / "metrics.json"
+  assert fid.main([str(out / names[0]), "--ref", str(ref), "--batch", "5", "--out", str(metrics)]) == 0
+  m = json.loads(metrics.read_text())
+  assert m["samples"] == 10 and abs(m["fd_vgg16"]) < 1e-6  # the same images
+  assert [p.name.split("-")[0] for p in (bucket / "ref").iterdir()] == ["ref.npz", "ref.vgg16"]
+
+
+def _tiny_dinov2_state_dict():
+  torch.manual_seed(0)
+  cfg = Dinov2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=128, image_size=28,
+                     patch_size=14)
+  return Dinov2Model(cfg).eval().state_dict()
+
+
+def test_converter_and_repa_target_read_and_write_a_bucket(gcs_bucket):
+  bucket = epath.Path(gcs_bucket)
+  sd = _tiny_dinov2_state_dict()
+  buffer = io.BytesIO()
+  torch.save(sd, buffer)  # a torch hub-style .pth, read through torch.load of a file object
+  paths.write_bytes(bucket / "in" / "dinov2.pth", buffer.getvalue())
+  paths.write_bytes(bucket / "in" / "dinov2.safetensors", save_safetensors({k: v.contiguous() for k, v in sd.items()}))
+  for name in ("dinov2.pth", "dinov2.safetensors"):
+    out = bucket / name.split(".")[1]
+    assert convert_cli.main(["dinov2", "--checkpoint", str(bucket / "in" / name), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.safetensors"]
+  params, cfg = dinov2_convert.convert({k: v.numpy() for k, v in sd.items()})
+  assert cfg.width == 64
+  for out in (bucket / "pth", bucket / "safetensors"):
+    _, remote = dinov2_convert.load(out)
+    jax.tree.map(np.testing.assert_array_equal, remote, params)
+  # repa.path in a bucket: the weights, the feature width, and the shapes-only architecture.
+  target = repa.load_target("dinov2", str(bucket / "pth"))
+  assert target.dim == repa.target_dim("dinov2", str(bucket / "pth")) == 64
+  jax.tree.map(np.testing.assert_array_equal, target.params, params)
+  with shapes_only.enabled():
+    assert repa.load_target("dinov2", str(bucket / "pth")).dim == 64
+  with pytest.raises(ValueError, match="holds no converted DINOv2"):
+    repa.target_dim("dinov2", str(bucket / "nothing"))
+
+
+def test_atomic_writes_leave_no_partial_file_in_a_bucket(gcs_bucket):
+  path = epath.Path(gcs_bucket) / "d" / "file.bin"
+  paths.write_bytes(path, b"old")
+  with pytest.raises(RuntimeError):
+    with paths.atomic_open(path) as f:
+      f.write(b"partial")
+      raise RuntimeError("interrupted")
+  assert path.read_bytes() == b"old" and [p.name for p in path.parent.iterdir()] == ["file.bin"]
+  paths.append_text(path.parent / "log.txt", "a\n")
+  paths.append_text(path.parent / "log.txt", "b\n")
+  assert (path.parent / "log.txt").read_text() == "a\nb\n"
+  assert str(paths.absolute(gcs_bucket + "/x")) == gcs_bucket + "/x"
+  assert paths.absolute("x") == epath.Path(pathlib.Path("x").absolute())
