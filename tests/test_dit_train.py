@@ -80,7 +80,7 @@ def test_dit_run_measures_the_latent_scale_evaluates_at_start_and_end_and_loads(
   # The scale is 1 / std of the codes of the first latent.scale_batches training batches.
   tok = ifsq_jax.load_tokenizer(tokenizer_dir)
   data = pipeline_lib.build_pipeline(c, "train", train=True)
-  codes = np.concatenate([np.asarray(tok.encode(data.batch(i)["image"])) for i in range(2)])
+  codes = np.concatenate([np.asarray(tok.encode(pipeline_lib.normalize(data.batch(i))["image"])) for i in range(2)])
   saved = json.loads((tmp_path / "latent.json").read_text())
   assert saved["latent_scale"] == pytest.approx(1 / codes.std(), rel=1e-4)
   assert float(state.extra["latent_scale"]) == pytest.approx(saved["latent_scale"], rel=1e-6)
@@ -205,6 +205,7 @@ def test_paper_config_builds_dit_l1_with_the_reference_parameter_count(f16_token
   dit_l2 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(dit_l2)
   c = dit_l2.get_config(variant)
+  c.data.manual_dir = "ILSVRC2012_tars"  # the paper's ImageNet (validated, never read here)
   c.tokenizer = f16_tokenizer_dir
   if c.repa.target == "dinov2":
     c.repa.path = "weights/dinov2_b14"

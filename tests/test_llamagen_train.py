@@ -101,7 +101,7 @@ def test_llamagen_run_logs_ce_and_repa_evaluates_with_cknna_and_loads(tokenizer_
 def test_tokens_are_the_tokenizers_grouped_indices_in_raster_order(tokenizer_dir):
   c = tiny_config(tokenizer_dir)
   trainer = llamagen.LlamaGenTrainer(c, parallel.make_mesh())
-  batch = pipeline_lib.build_pipeline(c, "train", train=True).batch(0)
+  batch = pipeline_lib.normalize(pipeline_lib.build_pipeline(c, "train", train=True).batch(0))
   tokens = np.asarray(trainer.tokens(batch, trainer.frozen()))
   tok = ifsq_jax.load_tokenizer(tokenizer_dir)
   codes = np.asarray(tok.encode(batch["image"]))  # (B, 8, 8, 4)
@@ -158,7 +158,7 @@ def test_llamagen_trains_single_tokens_from_extracted_codes(tokenizer_dir, tmp_p
 def test_llamagen_step_on_eight_devices_equals_one(tokenizer_dir):
   """One train step (factorized, REPA on) with fsdp over 8 devices equals one device's."""
   c0 = tiny_config(tokenizer_dir)
-  batch_np = pipeline_lib.build_pipeline(c0, "train", train=True).batch(0)
+  batch_np = pipeline_lib.normalize(pipeline_lib.build_pipeline(c0, "train", train=True).batch(0))
   results = []
   for n in (1, 8):
     c = tiny_config(tokenizer_dir, **{"mesh.fsdp": n, "mesh.data": 1})
@@ -264,6 +264,7 @@ def test_paper_config_builds_llamagen_l_with_the_reference_parameter_count(f16_t
   llamagen_l = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(llamagen_l)
   c = llamagen_l.get_config(variant)
+  c.data.manual_dir = "ILSVRC2012_tars"  # the paper's ImageNet (validated, never read here)
   c.tokenizer = f16_tokenizer_dir
   if c.repa.target == "dinov2":
     c.repa.path = "weights/dinov2_b14"
