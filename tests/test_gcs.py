@@ -31,6 +31,7 @@ from ifsq_jax import paths, shapes_only
 from ifsq_jax.convert import __main__ as convert_cli
 from ifsq_jax.convert import dinov2 as dinov2_convert
 from ifsq_jax.convert import torch_io
+from ifsq_jax.eval import fid as fid_lib
 from ifsq_jax.models import dit as dit_lib
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from ifsq_jax.nets import repa
@@ -40,7 +41,7 @@ QUICKSTART = REPO / "configs" / "quickstart.py"
 # The quickstart at toy size: 16 px, one down / up level, L1 only, no GAN; a checkpoint every 2 steps.
 TINY_QUICKSTART = [
     "--config.data.image_size=16", "--config.data.eval_examples=8", "--config.train.global_batch_size=8",
-    "--config.train.num_steps=6", "--config.train.log_every=1", "--config.checkpoint.every=2",
+    "--config.train.num_steps=4", "--config.train.log_every=1", "--config.checkpoint.every=2",
     "--config.model.hidden_size=32", "--config.model.hidden_size_mult=(1,1)", "--config.model.num_res_blocks=1",
     "--config.model.downsample=(True,False)", "--config.model.upsample=(False,True)",
     "--config.model.levels=(5,5,5,5)", "--config.loss.disc_start=1000",
@@ -71,51 +72,67 @@ def _finalized_steps(workdir):
 
 @pytest.fixture(scope="module")
 def tokenizer_runs(gcs_emulator, tmp_path_factory):
-  """A tiny quickstart run in a bucket, SIGKILLed after a checkpoint and resumed; an uninterrupted local run beside it.
+  """A tiny quickstart run in a bucket, SIGKILLed after its first checkpoint and resumed; an uninterrupted local run.
 
   Returns:
-    (gs:// work dir, local reference work dir, the step the killed run had saved last, the resumed run's stderr).
+    (gs:// work dir, local reference work dir, the step the killed run had saved last, the resumed run's log).
   """
   create_bucket(gcs_emulator, "tokenizer-runs")
   work = "gs://tokenizer-runs/quickstart"
   ref = tmp_path_factory.mktemp("reference")
+  logs = tmp_path_factory.mktemp("logs")
   env = subprocess_env()
-  # The uninterrupted run alongside the one to be killed: their start-up (imports, compiling) overlaps.
-  reference = subprocess.Popen(_train_command(ref), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-  killed = subprocess.Popen(_train_command(work), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  start = time.time()
-  while not _finalized_steps(work):
-    if killed.poll() is not None:
-      raise AssertionError(f"the run ended (rc {killed.returncode}) before its first checkpoint:\n"
-                           f"{killed.stdout.read()[-3000:]}")
-    assert time.time() - start < 240, "no checkpoint within 240 s"
-    time.sleep(0.05)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait()
-  killed.stdout.close()
-  killed_at = max(_finalized_steps(work))
-  out, _ = reference.communicate(timeout=300)
-  assert reference.returncode == 0, out[-3000:]
-  resumed = subprocess.run(_train_command(work), env=env, capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  return work, ref, killed_at, resumed.stderr
+
+  procs = []
+
+  def start(workdir, name):  # output to a file: a pipe read only at the end could fill and stall the run
+    with open(logs / name, "w") as log:
+      procs.append(subprocess.Popen(_train_command(workdir), env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs[-1]
+
+  def finish(proc, name):
+    proc.wait(timeout=300)
+    text = (logs / name).read_text()
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+  try:
+    # The uninterrupted run goes alongside the others: their start-up (imports, compiling) overlaps.
+    reference, killed = start(ref, "reference.log"), start(work, "killed.log")
+    begin = time.time()
+    while not _finalized_steps(work):
+      if killed.poll() is not None:
+        raise AssertionError(f"the run ended (rc {killed.returncode}) before its first checkpoint:\n"
+                             f"{(logs / 'killed.log').read_text()[-3000:]}")
+      assert time.time() - begin < 240, "no checkpoint within 240 s"
+      time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    killed_at = max(_finalized_steps(work))
+    resumed = start(work, "resumed.log")
+    finish(reference, "reference.log")
+    return work, ref, killed_at, finish(resumed, "resumed.log")
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_run_in_a_bucket_killed_after_a_checkpoint_resumes_with_identical_losses(tokenizer_runs):
-  work, ref, killed_at, stderr = tokenizer_runs
-  assert killed_at < 6, "the run finished before it was killed"
-  assert f"Resumed from step {killed_at}" in stderr
-  assert "No TensorBoard event files" in stderr  # under the emulator, and said so
+  work, ref, killed_at, log = tokenizer_runs
+  assert killed_at < 4, "the run finished before it was killed"
+  assert f"Resumed from step {killed_at}" in log
+  assert "No TensorBoard event files" in log  # under the emulator, and said so
   a, b = _metrics(ref), _metrics(work)
-  assert sorted(a) == sorted(b) == list(range(1, 7))
-  for step in range(1, 7):  # bitwise on CPU (timings aside), before the kill and after the resume
+  assert sorted(a) == sorted(b) == list(range(1, 5))
+  for step in range(1, 5):  # bitwise on CPU (timings aside), before the kill and after the resume
     assert "gen/grad_norm" in a[step]
     assert _without_timings(a[step]) == _without_timings(b[step]), step
   listing = sorted(p.name for p in (epath.Path(work) / "checkpoints").iterdir())
-  assert _finalized_steps(work) == [2, 4, 6], listing
+  assert _finalized_steps(work) == [2, 4], listing
   root = epath.Path(work)
-  assert json.loads((root / "eval.json").read_text())["step"] == 6
+  assert json.loads((root / "eval.json").read_text())["step"] == 4
   assert (root / "config.json").exists() and list((root / "images").iterdir())
 
 
@@ -218,7 +235,7 @@ def test_converter_and_repa_target_read_and_write_a_bucket(gcs_bucket):
     repa.target_dim("dinov2", str(bucket / "nothing"))
 
 
-def test_atomic_writes_leave_no_partial_file_in_a_bucket(gcs_bucket):
+def test_atomic_writes_appends_and_statistics_in_a_bucket(gcs_bucket):
   path = epath.Path(gcs_bucket) / "d" / "file.bin"
   paths.write_bytes(path, b"old")
   with pytest.raises(RuntimeError):
@@ -229,5 +246,11 @@ def test_atomic_writes_leave_no_partial_file_in_a_bucket(gcs_bucket):
   paths.append_text(path.parent / "log.txt", "a\n")
   paths.append_text(path.parent / "log.txt", "b\n")
   assert (path.parent / "log.txt").read_text() == "a\nb\n"
+  stats = fid_lib.FeatureStats(3)
+  stats.update(np.random.default_rng(0).standard_normal((5, 3)))
+  stats.save(gcs_bucket + "/stats")  # .npz appended, as np.savez does
+  mu, sigma = fid_lib.load_stats(gcs_bucket + "/stats.npz")
+  np.testing.assert_array_equal(mu, stats.mu)
+  np.testing.assert_array_equal(sigma, stats.sigma)
   assert str(paths.absolute(gcs_bucket + "/x")) == gcs_bucket + "/x"
   assert paths.absolute("x") == epath.Path(pathlib.Path("x").absolute())

@@ -17,7 +17,9 @@ N samples, D feature width.
 from __future__ import annotations
 
 import numpy as np
+from etils import epath
 
+from ifsq_jax import paths
 from ifsq_jax.eval import generative
 
 
@@ -80,9 +82,10 @@ class FeatureStats:
     mu = self.mu
     return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
 
-  def save(self, path: str) -> None:
-    """Writes ``mu`` and ``sigma`` (ADM's reference-statistics format)."""
-    np.savez(path, mu=self.mu, sigma=self.sigma)
+  def save(self, path: epath.PathLike) -> None:
+    """Writes ``mu`` and ``sigma`` (ADM's reference-statistics format); ``path`` may be ``gs://...``."""
+    with paths.atomic_open(_npz(path)) as f:
+      np.savez(f, mu=self.mu, sigma=self.sigma)
 
 
 def fd_vgg16(stats_a: "FeatureStats", stats_b: "FeatureStats") -> float:
@@ -108,9 +111,15 @@ def vgg16_features(images: np.ndarray) -> np.ndarray:
 _VGG_FN: dict = {}
 
 
-def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """``mu``, ``sigma`` from a reference statistics ``.npz`` (e.g. VIRTUAL_imagenet256_labeled.npz)."""
-  with np.load(path, allow_pickle=False) as f:
+def _npz(path: epath.PathLike) -> epath.Path:
+  """``path`` with ``.npz`` appended unless it ends so (as ``np.savez`` names a file)."""
+  path = epath.Path(path)
+  return path if path.name.endswith(".npz") else path.parent / (path.name + ".npz")
+
+
+def load_stats(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """``mu``, ``sigma`` from a reference statistics ``.npz`` (e.g. VIRTUAL_imagenet256_labeled.npz; local or gs://)."""
+  with epath.Path(path).open("rb") as file, np.load(file, allow_pickle=False) as f:
     missing = [k for k in ("mu", "sigma") if k not in f.files]
     if missing:
       raise ValueError(f"{path} has no {missing}: a reference statistics file holds 'mu' and 'sigma' "
@@ -123,11 +132,12 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(127.5 * np.asarray(images, np.float64) + 128.0, 0, 255).astype(np.uint8)
 
 
-def save_samples_npz(path: str, images: np.ndarray) -> None:
+def save_samples_npz(path: epath.PathLike, images: np.ndarray) -> None:
   """Sample batch for ADM's evaluator: ``arr_0`` uint8 (N, H, W, 3) from uint8 or [-1, 1] float images."""
   images = np.asarray(images)
   if images.dtype != np.uint8:
     images = to_uint8(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"samples must be (N, H, W, 3), got {images.shape}.")
-  np.savez(path, arr_0=images)
+  with paths.atomic_open(_npz(path)) as f:
+    np.savez(f, arr_0=images)
