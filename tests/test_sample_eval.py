@@ -26,7 +26,7 @@ def _config(eval_examples=12, **eval_fields):
 
 def _crops(c):
   source = pipeline_lib.build_source(c.data, c.data.eval_split)
-  return np.stack([transforms.center_crop(source[i][0], 32) for i in range(c.data.eval_examples)])
+  return np.stack([transforms.to_float(transforms.center_crop(source[i][0], 32)) for i in range(c.data.eval_examples)])
 
 
 def _stats(features):

@@ -268,25 +268,26 @@ def test_constrain_maps_logical_names_inside_the_sharding_context():
 
 
 class _SlowToy(toy.ToyTrainer):
-  """The toy task with a step that takes 40 ms more (a model slower than its input)."""
+  """The toy task with a step that takes 100 ms more (a model slower than its input)."""
 
   def train_steps(self):
     inner = super().train_steps()["train"]
 
     def step(state, batch, key, frozen):
       import time  # pylint: disable=g-import-not-at-top
-      jax.debug.callback(lambda: time.sleep(0.04))
+      jax.debug.callback(lambda: time.sleep(0.1))
       return inner(state, batch, key, frozen)
     return {"train": step}
 
 
 def test_data_wait_is_logged_and_small_when_the_pipeline_outruns_the_step(tmp_path):
-  cfg = toy_config(**{"train.num_steps": 24, "train.log_every": 8, "checkpoint.every": 24, "data.workers": 1})
+  cfg = toy_config(**{"train.num_steps": 16, "train.log_every": 8, "checkpoint.every": 16, "data.workers": 1})
   loop.run(_SlowToy, cfg, tmp_path / "slow", schema=toy.default_config())
   m = read_metrics(tmp_path / "slow")
-  for step in (16, 24):  # after the first interval (start-up): the batches wait on the devices
-    assert m[step]["perf/step_ms"] > 40
-    assert m[step]["perf/data_wait_ms"] < 0.02 * m[step]["perf/step_ms"], m[step]
+  assert m[8]["perf/data_wait_ms"] >= 0
+  step = 16  # after the first interval (start-up): the batches wait on the devices
+  assert m[step]["perf/step_ms"] > 100
+  assert m[step]["perf/data_wait_ms"] < 0.02 * m[step]["perf/step_ms"], m[step]
 
 
 def test_worker_processes_and_device_prefetch_train_like_one_thread(tmp_path):
