@@ -21,6 +21,7 @@ files that other processes write later (checkpoints, sample shards).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from typing import IO, Iterator
 
@@ -59,6 +60,34 @@ def temporary(path: PathLike) -> epath.Path:
   return path.parent / (path.name + TMP_SUFFIX)
 
 
+class _Stream(io.RawIOBase):
+  """A file in a bucket, open for writing, that refuses to seek.
+
+  ``zipfile`` (and so ``np.savez``) then writes as a stream (each member's sizes
+  after its data). TensorFlow's GFile, which ``epath`` uses for ``gs://`` when
+  TensorFlow is installed, raises a TensorFlow error on ``seek`` in write mode,
+  which ``zipfile`` does not expect; gcsfs's files raise ``OSError``.
+  """
+
+  def __init__(self, file: IO[bytes]):
+    super().__init__()
+    self._file = file
+
+  def writable(self) -> bool:
+    return True
+
+  def write(self, data) -> int:
+    self._file.write(bytes(data))
+    return len(data)
+
+  def tell(self) -> int:
+    return self._file.tell()
+
+  def flush(self) -> None:
+    if not self.closed:
+      self._file.flush()
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
   """Opens ``path`` for writing such that it only ever holds a complete file.
@@ -75,7 +104,8 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     mode: ``"wb"`` or ``"w"`` (UTF-8 text).
 
   Yields:
-    The open file.
+    The open file; in a bucket, in binary mode, one that cannot seek (``zipfile``
+    and ``np.savez`` write to it as a stream).
   """
   if mode not in ("w", "wb"):
     raise ValueError(f"mode={mode!r}: atomic_open writes whole files ('w' or 'wb').")
@@ -83,9 +113,16 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
   tmp = temporary(path)
   try:
     with tmp.open(mode) as f:
-      yield f
+      if mode == "w" or not is_remote(path):
+        yield f
+      else:
+        stream = _Stream(f)
+        try:
+          yield stream
+        finally:
+          stream.close()
   except BaseException:
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(Exception):  # best effort: the error that got here is the one to report
       tmp.unlink(missing_ok=True)
     raise
   tmp.replace(path)

@@ -254,3 +254,23 @@ def test_atomic_writes_appends_and_statistics_in_a_bucket(gcs_bucket):
   np.testing.assert_array_equal(sigma, stats.sigma)
   assert str(paths.absolute(gcs_bucket + "/x")) == gcs_bucket + "/x"
   assert paths.absolute("x") == epath.Path(pathlib.Path("x").absolute())
+
+
+def test_npz_and_zip_stream_into_tensorflows_gfile(tmp_path):
+  """atomic_open's file in a bucket cannot seek, so np.savez streams into TensorFlow's GFile.
+
+  With TensorFlow installed, epath opens gs:// files as GFiles, whose seek in write mode raises a TensorFlow error
+  that zipfile does not expect. Shown on a local GFile (its write-mode seek is the same on every filesystem).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "a.npz")
+  with tf.io.gfile.GFile(path, "wb") as f:
+    with pytest.raises(tf.errors.OpError):
+      np.savez(f, a=np.arange(3))
+  with tf.io.gfile.GFile(path, "wb") as f:
+    stream = paths._Stream(f)  # pylint: disable=protected-access
+    np.savez(stream, a=np.arange(3), b=np.ones((2, 2), np.float32))
+    stream.close()
+  with tf.io.gfile.GFile(path, "rb") as f, np.load(f) as z:  # and np.load reads a GFile
+    np.testing.assert_array_equal(z["a"], np.arange(3))
+    assert z["b"].shape == (2, 2)
