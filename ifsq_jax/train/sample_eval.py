@@ -45,6 +45,7 @@ import logging
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.data import sources, transforms
@@ -134,7 +135,7 @@ class SampleEvaluator:
     path = self.config.eval.fid_reference
     if path:
       out["pool"] = fid.load_stats(path)
-      with np.load(path, allow_pickle=False) as f:
+      with epath.Path(path).open("rb") as raw, np.load(raw, allow_pickle=False) as f:  # may be gs://
         if "mu_s" in f.files and "sigma_s" in f.files:
           out["spatial"] = (f["mu_s"], f["sigma_s"])
     return out
