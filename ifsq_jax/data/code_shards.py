@@ -48,6 +48,7 @@ from typing import Any, Mapping
 from etils import epath
 import numpy as np
 
+from ifsq_jax import paths
 from ifsq_jax.data.sources import DataError
 
 META = "meta.json"
@@ -71,7 +72,7 @@ def skipped_name(shard: int, count: int) -> str:
 
 def is_local(path: epath.PathLike) -> bool:
   """Whether ``path`` is on a local file system (memory-mappable), not a URL such as ``gs://``."""
-  return "://" not in str(path)
+  return not paths.is_remote(path)
 
 
 # ---------------------------------------------------------------- writing
@@ -117,10 +118,8 @@ def write_shard(directory: epath.PathLike, shard: int, count: int, arrays: Mappi
 
 
 def _write_npy(path: epath.Path, array: np.ndarray) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  with tmp.open("wb") as f:
+  with paths.atomic_open(path) as f:  # a complete shard or none under its name
     np.lib.format.write_array(f, array, allow_pickle=False)
-  tmp.replace(path)
 
 
 def convert_npz(directory: epath.PathLike) -> list[str]:

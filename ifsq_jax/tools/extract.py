@@ -45,7 +45,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from ifsq_jax import config_lib
+from ifsq_jax import config_lib, paths
 from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.tools import cli
@@ -58,16 +58,6 @@ shard_name = code_shards.shard_name
 # meta.json fields that must agree when an output directory is extracted into again.
 _SAME_EXTRACTION = ("source", "examples", "image_size", "shard_size", "shards", "flip", "bottleneck", "levels",
                     "codes_shape", "index_shape")
-
-
-def _write_json(path: epath.Path, obj) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2))
-  tmp.replace(path)
-
-
-def _absolute(path: str) -> str:
-  return str(epath.Path(path).absolute()) if code_shards.is_local(path) else str(epath.Path(path))
 
 
 def _check_same_extraction(out: epath.Path, meta: dict) -> None:
@@ -100,7 +90,7 @@ def extract(tokenizer_dir: str, out: epath.PathLike, data_config, split: str = "
   view = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
   codes_shape = tuple(jax.eval_shape(tok.encode, view).shape[1:])  # (h, w, D)
   index_shape = tuple(jax.eval_shape(tok.encode_to_indices, view).shape[1:]) if has_indices else None
-  meta = {"tokenizer": _absolute(tokenizer_dir), "source": source.name, "split": split,
+  meta = {"tokenizer": str(paths.absolute(tokenizer_dir)), "source": source.name, "split": split,
           "examples": len(source), "image_size": image_size, "shard_size": shard_size, "shards": count,
           "flip": flip, "num_classes": getattr(source, "num_classes", 0), "levels": list(tok.config.levels),
           "bottleneck": tok.config.bottleneck, "codes_shape": list(codes_shape),
@@ -111,7 +101,7 @@ def extract(tokenizer_dir: str, out: epath.PathLike, data_config, split: str = "
   out.mkdir(parents=True, exist_ok=True)
   _check_same_extraction(out, meta)
   if jax.process_index() == 0:
-    _write_json(out / code_shards.META, meta)
+    paths.write_text(out / code_shards.META, json.dumps(meta, indent=2))
   empty = {"codes": np.zeros((0,) + codes_shape, np.float16 if fsq else np.float32), "labels": np.zeros((0,), np.int32)}
   if has_indices:
     empty["indices"] = np.zeros((0,) + index_shape, np.int32)
@@ -156,7 +146,7 @@ def extract(tokenizer_dir: str, out: epath.PathLike, data_config, split: str = "
     # The side file goes first: a shard that exists always has its row count right.
     side = out / code_shards.skipped_name(shard, count)
     if skipped:
-      _write_json(side, {"rows": len(kept), "skipped": skipped})
+      paths.write_text(side, json.dumps({"rows": len(kept), "skipped": skipped}, indent=2))
       logging.warning("Skipped %d undecodable image(s) in %s: %s", len(skipped), shard_name(shard, count),
                       "; ".join(e["error"] for e in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
     elif side.exists():
