@@ -22,6 +22,7 @@ by (2 workers / 1 worker, 1 worker / legacy).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -116,6 +117,7 @@ def main():
   parser.add_argument("--steps", type=int, default=12)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+  parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
   cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
              platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
@@ -125,19 +127,24 @@ def main():
     source = sources.ImageFolderSource(root, "train")
     sizes = [os.path.getsize(f) for f, _ in source.files]
     print(f"images: {len(source)} JPEGs, quality 90, mean {np.mean(sizes) / 1e3:.0f} kB")
+    print(f"rounds: {args.rounds} (each mode once per round, in turn; medians below: the host's speed drifts)")
     for name in ("adm_random_crop", "resize_crop_flip"):
-      legacy = rate(_Decoded(source), legacy_example(name, args.size), args.batch, args.steps, 0, legacy=True)
-      print(f"{name} legacy examples/s: {legacy:.1f}")
-      rates = {}
+      example = pipeline.image_example(transforms.TRANSFORMS[name], args.size)
+      modes = {"legacy": lambda: rate(_Decoded(source), legacy_example(name, args.size), args.batch, args.steps, 0,
+                                      legacy=True)}
       for w in [0] + list(args.workers):
-        rates[w] = rate(source, pipeline.image_example(transforms.TRANSFORMS[name], args.size), args.batch,
-                        args.steps, w)
-        print(f"{name} workers={w} examples/s: {rates[w]:.1f}")
-      if 1 in rates:
-        print(f"{name} 1 worker / legacy: {rates[1] / legacy:.2f}")
-        if 2 in rates:
-          print(f"{name} 2 workers / 1 worker: {rates[2] / rates[1]:.2f}")
-
+        modes[f"workers={w}"] = functools.partial(rate, source, example, args.batch, args.steps, w)
+      runs = {m: [] for m in modes}
+      for _ in range(args.rounds):
+        for m, fn in modes.items():
+          runs[m].append(fn())
+      rates = {m: float(np.median(v)) for m, v in runs.items()}
+      for m, r in rates.items():
+        print(f"{name} {m} examples/s: {r:.1f}")
+      if "workers=1" in rates:
+        print(f"{name} 1 worker / legacy: {rates['workers=1'] / rates['legacy']:.2f}")
+        if "workers=2" in rates:
+          print(f"{name} 2 workers / 1 worker: {rates['workers=2'] / rates['workers=1']:.2f}")
 
 if __name__ == "__main__":
   main()

@@ -34,6 +34,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import multiprocessing
+from multiprocessing import shared_memory
 import os
 import threading
 from typing import Any, Callable
@@ -143,7 +144,42 @@ def _worker_init(source, example_fn, seed) -> None:
 
 
 def _worker_examples(rows):
-  return _examples(_WORKER["source"], _WORKER["example_fn"], _WORKER["seed"], rows)
+  """A worker's part of a batch, its arrays handed over in one shared-memory block (a pipe would copy them in
+  64 KiB pieces, a fifth of one worker's time for a batch of 256 px images)."""
+  arrays, skipped, errors = _examples(_WORKER["source"], _WORKER["example_fn"], _WORKER["seed"], rows)
+  layout, offset = [], 0
+  for k, v in arrays.items():
+    layout.append((k, v.shape, v.dtype.str, offset))
+    offset += v.nbytes
+  block = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+  try:
+    for (_, shape, dtype, start), v in zip(layout, arrays.values()):
+      np.ndarray(shape, dtype, block.buf, start)[...] = v
+  finally:
+    block.close()
+  return (block.name, layout), skipped, errors
+
+
+def _gather_shared(handoffs) -> dict[str, np.ndarray]:
+  """The workers' shared-memory blocks (in batch order) concatenated into new arrays; the blocks are freed."""
+  blocks = [shared_memory.SharedMemory(name=name) for name, _ in handoffs]
+  try:
+    parts = [{k: np.ndarray(shape, dtype, b.buf, start) for k, shape, dtype, start in layout}
+             for b, (_, layout) in zip(blocks, handoffs)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  finally:
+    del parts  # views into the blocks go before the blocks close
+    for b in blocks:
+      b.close()
+      b.unlink()
+
+
+def _free_shared(future) -> None:
+  """Frees the block of a worker's result that will not be read (a dropped prefetch)."""
+  if not future.cancelled() and future.exception() is None:
+    block = shared_memory.SharedMemory(name=future.result()[0][0])
+    block.close()
+    block.unlink()
 
 
 def auto_workers(workers: int) -> int:
@@ -236,9 +272,15 @@ class Pipeline:
 
     def result():
       done = [f.result() for f in futures]
-      arrays = {k: np.concatenate([d[0][k] for d in done]) for k in done[0][0]}
-      return arrays, sum(d[1] for d in done), [e for d in done for e in d[2]]
+      return _gather_shared([d[0] for d in done]), sum(d[1] for d in done), [e for d in done for e in d[2]]
+    result.futures = futures
     return result
+
+  @staticmethod
+  def _discard(result) -> None:
+    for future in getattr(result, "futures", ()):
+      if not future.cancel():
+        future.add_done_callback(_free_shared)
 
   def _collect(self, step: int, result) -> dict[str, np.ndarray]:
     arrays, skipped, errors = result()
@@ -262,7 +304,7 @@ class Pipeline:
     if not self._prefetch:
       return self.batch(step)
     for s in [s for s in self._pending if s < step or s > step + self._prefetch]:
-      del self._pending[s]  # another position was asked for: its results are dropped
+      self._discard(self._pending.pop(s))  # another position was asked for: its results are dropped
     for s in range(step, step + self._prefetch + 1):
       if s not in self._pending:
         self._pending[s] = self._submit(s)
@@ -300,14 +342,18 @@ class Pipeline:
     with self._lock:
       self._skipped_before = int(state.get("skipped", 0))
       self._skipped_at.clear()
+    for result in self._pending.values():
+      self._discard(result)
     self._pending.clear()
 
   def close(self) -> None:
+    for result in self._pending.values():
+      self._discard(result)
     self._pending.clear()
     if self._threads is not None:
       self._threads.shutdown(wait=False, cancel_futures=True)
-    if self._processes is not None:
-      self._processes.shutdown(wait=False, cancel_futures=True)
+    if self._processes is not None:  # waits for running parts (seconds at most): their blocks are freed
+      self._processes.shutdown(wait=True, cancel_futures=True)
 
 
 def build_source(data: ml_collections.ConfigDict, split: str) -> sources.Source:
