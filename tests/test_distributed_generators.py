@@ -34,7 +34,8 @@ from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 
 STEPS = 6
 EVERY = 2
-TIMING = ("steps_per_sec", "examples_per_sec")  # wall-clock rates, the only logged values that may differ
+# Wall-clock rates and times: the only logged values that may differ.
+TIMING = ("steps_per_sec", "examples_per_sec", "perf/data_wait_ms", "perf/step_ms")
 
 # Shared by both tasks: 2 layers of width 32, batch 8, a tiny evaluation at the end only (the loop always
 # evaluates after the last step), the mesh of the two-process runs in the single-process run too.

@@ -222,7 +222,7 @@ class Pipeline:
     self.workers = auto_workers(workers)
     self._prefetch = prefetch
     self._skipped_before = 0  # undecodable examples of the steps before the restored one
-    self._skipped_at: dict[int, int] = {}  # step -> undecodable examples of that step (steps made so far)
+    self._skipped_at: dict[int, int] = {}  # step -> undecodable examples of that step (of the steps made so far)
     self._logged = 0
     self._lock = threading.Lock()
     self._perm_cache: dict[int, np.ndarray] = {}
@@ -285,7 +285,10 @@ class Pipeline:
   def _collect(self, step: int, result) -> dict[str, np.ndarray]:
     arrays, skipped, errors = result()
     with self._lock:
-      self._skipped_at[step] = skipped
+      if skipped:  # only steps with undecodable examples are kept: a long run holds few
+        self._skipped_at[step] = skipped
+      else:
+        self._skipped_at.pop(step, None)
       for e in errors:
         self._logged += 1
         total = self._skipped_before + sum(self._skipped_at.values())
