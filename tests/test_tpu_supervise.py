@@ -373,7 +373,9 @@ def test_the_worker_marks_a_run_whose_host_got_a_sigterm(worker):
 def test_stop_on_a_supervised_run_is_a_plain_exit(worker):
   """`stop` signals the program (its pid is in run.pid), not the wrapper: the run ends, not preempted."""
   start, _, checkout = worker
-  stub_python(checkout, "trap 'exit 0' TERM; while true; do sleep 0.05; done")
+  # The program says when its handler is set: a SIGTERM before that would kill it (exit 143), not stop it.
+  stub_python(checkout, f"trap 'exit 0' TERM; echo ready > '{checkout / 'ready'}'; while true; do sleep 0.05; done")
   on_worker(checkout, start)
+  wait_for(checkout / "ready")
   os.kill(int(wait_for(checkout / "run.pid")), signal.SIGTERM)
   assert wait_for(checkout / "run.exit") == "0\n"
