@@ -17,14 +17,22 @@ builds:
   optimizer state, such as turning gradient clipping on or off) is one
   :class:`CheckpointMismatchError` naming the differing entries; nothing is
   renamed;
-* an *unreadable* step (its metadata cannot be read, or reading its arrays
-  fails for a reason other than a structure mismatch) is renamed
-  ``<step>.corrupt`` (nothing is deleted) with a warning, and the previous step
-  is used.
+* a step *proven unreadable* (a file of it fails to parse: its metadata is not
+  JSON, an array file is truncated or does not decode, a file it names is
+  absent) is renamed ``<step>.corrupt`` (nothing is deleted) with a warning, and
+  the previous step is used;
+* any other error (out of memory on a smaller mesh, a storage error) renames
+  nothing: a transient storage error (``OSError``, TensorStore's
+  ``UNAVAILABLE``/``DEADLINE_EXCEEDED``) is retried after :data:`RETRY_DELAYS_S`;
+  what still fails stops the run with one :class:`CheckpointRestoreError` naming
+  the step and the cause. When restoring onto the mesh fails, the step's files
+  are read back onto the host: only if that read fails to parse is the step
+  set aside.
 
 :func:`restore_fields` reads named fields of a saved state (``params``,
-``ema_params``) from any work dir without changing it: an unreadable step is
-skipped with a warning, never renamed.
+``ema_params``) from any work dir without changing it: a step proven unreadable
+is skipped with a warning, never renamed; other errors are retried or raised as
+above.
 
 Tree paths are written ``opt_state/1/0/mu/enc0/kernel`` (``jax.tree_util.keystr``
 with ``simple=True``).
@@ -35,9 +43,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -45,6 +54,12 @@ from ifsq_jax import paths
 
 CORRUPT_SUFFIX = ".corrupt"
 _SHOWN = 8  # entries named per kind of difference in an error message
+RETRY_DELAYS_S = (2.0, 10.0, 30.0)  # waits before the retries of a transient storage error
+# TensorStore reports errors as ValueError("<canonical status code>: ..."). These codes mean the bytes on storage do
+# not parse as what the checkpoint says they are (a truncated or garbled file, a missing one).
+_UNREADABLE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION")
+_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
+_T = TypeVar("_T")
 
 
 class CheckpointError(ValueError):
@@ -57,6 +72,14 @@ class CheckpointMismatchError(CheckpointError):
 
 class UnreadableCheckpointError(CheckpointError):
   """No step of a checkpoint directory could be read."""
+
+
+class _EmptyMetadataError(ValueError):
+  """A state item whose metadata parses to nothing."""
+
+
+class CheckpointRestoreError(CheckpointError):
+  """A step whose files are intact (or not proven otherwise) could not be restored; nothing was renamed."""
 
 
 class Checkpointer:
@@ -121,29 +144,30 @@ class Checkpointer:
     """
     for step in reversed(self.steps):
       state_dir = self.directory / str(step) / "state"
+      where = f"Checkpoint step {step} in {self.directory}"
       try:
-        saved = _saved_entries(state_dir)
+        saved = _retried(lambda: _saved_entries(state_dir), where)
       except Exception as e:  # pylint: disable=broad-except
+        if _kind(e) != "unreadable":
+          raise _restore_error(where, e) from e
         self._set_aside(step, e)
         continue
       diff = _difference(saved, _entries(abstract_state))
       if diff:
-        raise CheckpointMismatchError(_mismatch_message(f"Checkpoint step {step} in {self.directory}", diff))
+        raise CheckpointMismatchError(_mismatch_message(where, diff))
       try:
-        restored = self._manager.restore(
+        restored = _retried(lambda: self._manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore()))
+                data=ocp.args.JsonRestore())), where)
         return step, restored["state"], dict(restored["data"])
       except Exception as e:  # pylint: disable=broad-except
-        if _is_structure_error(e):
-          raise CheckpointMismatchError(
-              f"Checkpoint step {step} in {self.directory} holds a different train state than this config builds: "
-              f"{str(e)[:2000]}\n{_FRESH_START}") from None
-        self._set_aside(step, e)
+        proof = _unreadable_proof(self.directory / str(step), where)
+        if proof is None:
+          raise _restore_error(where, e) from e
+        self._set_aside(step, proof)
     return None
-
   def _set_aside(self, step: int, error: Exception) -> None:
     """Renames an unreadable step out of the way; it is kept for inspection."""
     src = self.directory / str(step)
@@ -195,7 +219,7 @@ def _read_metadata(state_dir: epath.Path) -> Any:
     handler.close()
   tree = getattr(meta, "tree", meta)
   if not tree:
-    raise ValueError(f"the metadata of {state_dir} is empty.")
+    raise _EmptyMetadataError(f"the metadata of {state_dir} is empty.")
   return tree
 
 
@@ -243,9 +267,63 @@ def _mismatch_message(what: str, diff: dict[str, list[str]], target: str = "this
   return "\n".join(lines)
 
 
-def _is_structure_error(error: Exception) -> bool:
-  """Orbax's error for a restore target whose tree differs from the saved one."""
-  return isinstance(error, ValueError) and "structures do not match" in str(error)
+def _kind(error: BaseException) -> str:
+  """"unreadable" (the files fail to parse), "transient" (storage; worth a retry) or "other"."""
+  if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError, _EmptyMetadataError)):
+    return "unreadable"
+  if isinstance(error, OSError):  # ConnectionError and TimeoutError included
+    return "transient"
+  code = str(error).split(":", 1)[0].strip()
+  if isinstance(error, ValueError) and code in _UNREADABLE_CODES:
+    return "unreadable"
+  if code in _TRANSIENT_CODES:
+    return "transient"
+  return "other"
+
+
+def _retried(read: Callable[[], _T], where: str) -> _T:
+  """``read()``, retried after each of :data:`RETRY_DELAYS_S` while it fails with a transient storage error."""
+  for delay in (*RETRY_DELAYS_S, None):
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-except
+      if delay is None or _kind(e) != "transient":
+        raise
+      logging.warning("%s: transient storage error (%s: %s); retrying in %.0f s.", where, type(e).__name__,
+                      str(e)[:300], delay)
+      time.sleep(delay)
+  raise AssertionError("unreachable")
+
+
+def _read_back(step_dir: epath.Path) -> None:
+  """Reads every file of a step onto the host (no devices, no shardings); raises what reading raises."""
+  state_dir = step_dir / "state"
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = _read_metadata(state_dir)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    handler.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  finally:
+    handler.close()
+  for item in ("data", "config"):
+    if (step_dir / item / "metadata").exists():
+      json.loads((step_dir / item / "metadata").read_text())
+
+
+def _unreadable_proof(step_dir: epath.Path, where: str) -> Exception | None:
+  """The error that proves a step unreadable (its files fail to parse on the host), or None when they read back."""
+  try:
+    _retried(lambda: _read_back(step_dir), where)
+  except Exception as e:  # pylint: disable=broad-except
+    return e if _kind(e) == "unreadable" else None
+  return None
+
+
+def _restore_error(where: str, error: BaseException) -> CheckpointRestoreError:
+  return CheckpointRestoreError(
+      f"{where} could not be restored ({type(error).__name__}: {str(error)[:500]}). Its files are kept as they are "
+      "(not proven unreadable). If memory ran out, restore onto more devices or shard the state further "
+      "(config.mesh.fsdp); if storage failed, rerun when it is reachable.")
 
 
 def _sync(name: str) -> None:
@@ -328,9 +406,12 @@ def restore_fields(path: epath.PathLike, targets: dict[str, Any]) -> tuple[int, 
   tried = []
   for step, step_dir in _step_dirs(root):
     state_dir = step_dir / "state"
+    where = f"Checkpoint {step_dir}"
     try:
-      saved = _read_metadata(state_dir)
+      saved = _retried(lambda: _read_metadata(state_dir), where)
     except Exception as e:  # pylint: disable=broad-except
+      if _kind(e) != "unreadable":
+        raise _restore_error(where, e) from e
       tried.append(_skip(step_dir, e))
       continue
     have = sorted(saved) if isinstance(saved, dict) else []
@@ -350,19 +431,25 @@ def restore_fields(path: epath.PathLike, targets: dict[str, Any]) -> tuple[int, 
     item = {field: target if target is not None else jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved[field])
             for field, target in targets.items()}
-    handler = ocp.PyTreeCheckpointHandler()
     try:
-      restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+      restored = _retried(lambda: _restore_partial(state_dir, item), where)  # pylint: disable=cell-var-from-loop
     except Exception as e:  # pylint: disable=broad-except
-      if _is_structure_error(e):
-        raise CheckpointMismatchError(f"{step_dir}: {str(e)[:2000]}") from None
-      tried.append(_skip(step_dir, e))
+      proof = _unreadable_proof(step_dir, where)
+      if proof is None:
+        raise _restore_error(where, e) from e
+      tried.append(_skip(step_dir, proof))
       continue
-    finally:
-      handler.close()
     return step, {field: restored[field] for field in targets}
   raise UnreadableCheckpointError(f"No readable checkpoint in {root}; tried " + "; ".join(tried) + ".")
+
+
+def _restore_partial(state_dir: epath.Path, item: dict[str, Any]) -> dict[str, Any]:
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  finally:
+    handler.close()
 
 
 def _skip(step_dir: epath.Path, error: Exception) -> str:

@@ -1,4 +1,5 @@
-"""Checkpoints: a different train state is one clear error (nothing renamed); unreadable steps are skipped."""
+"""Checkpoints: a different train state is one clear error (nothing renamed); only steps proven unreadable are
+set aside; out of memory and storage errors rename nothing (retried when transient)."""
 
 import dataclasses
 import gc
@@ -203,3 +204,122 @@ def test_changing_grad_clip_between_runs_is_a_mismatch_error_not_a_restart(tmp_p
     toy.train_and_evaluate(toy_config(**{"train.num_steps": 4, "optimizer.grad_clip_norm": 0.0}), tmp_path)
   assert "opt_state/" in str(e.value) and "init_from" in str(e.value)
   assert _names(tmp_path / "checkpoints") == before and not list((tmp_path / "checkpoints").glob("*.corrupt*"))
+
+
+# ------------------------------------------------------------------ faults while restoring: only proven damage renames
+
+def _fail_restores(monkeypatch, ck, error, times=None):
+  """Makes the manager's restore raise ``error`` (``times`` times, or always); returns the call counter."""
+  calls = {"n": 0}
+  real = ck._manager.restore  # pylint: disable=protected-access
+
+  def restore(*args, **kwargs):
+    calls["n"] += 1
+    if times is None or calls["n"] <= times:
+      raise error
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(ck._manager, "restore", restore)  # pylint: disable=protected-access
+  return calls
+
+
+@pytest.fixture
+def no_retry_wait(monkeypatch):
+  monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+
+
+def test_out_of_memory_while_restoring_stops_with_the_step_and_renames_nothing(tmp_path, monkeypatch, no_retry_wait):
+  state = _state()
+  _save(tmp_path / "ck", [1, 2], state)
+  ck = checkpoint.Checkpointer(tmp_path / "ck")
+  calls = _fail_restores(monkeypatch, ck, jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory allocating 247714951752 bytes."))
+  with pytest.raises(checkpoint.CheckpointRestoreError) as e:
+    ck.restore_latest(_abstract(state))
+  ck.close()
+  assert "step 2" in str(e.value) and "RESOURCE_EXHAUSTED" in str(e.value) and "mesh.fsdp" in str(e.value)
+  assert calls["n"] == 1  # not a storage error: no retry
+  assert _names(tmp_path / "ck") == ["1", "2"]
+
+
+def test_a_storage_error_once_is_retried_and_restores_the_newest_step(tmp_path, monkeypatch, no_retry_wait, caplog):
+  state = _state()
+  _save(tmp_path / "ck", [1, 2], state)
+  ck = checkpoint.Checkpointer(tmp_path / "ck")
+  calls = _fail_restores(monkeypatch, ck, OSError("connection reset by peer"), times=1)
+  with caplog.at_level(logging.WARNING):
+    step, restored, data = ck.restore_latest(_abstract(state))
+  ck.close()
+  assert step == 2 and data == {"next_step": 2} and calls["n"] == 2
+  np.testing.assert_array_equal(restored["params"]["enc"]["kernel"], state["params"]["enc"]["kernel"])
+  assert any("retrying" in r.getMessage() for r in caplog.records)
+  assert _names(tmp_path / "ck") == ["1", "2"]
+
+
+def test_a_storage_error_that_persists_stops_the_run_and_renames_nothing(tmp_path, monkeypatch, no_retry_wait):
+  state = _state()
+  _save(tmp_path / "ck", [1, 2], state)
+  ck = checkpoint.Checkpointer(tmp_path / "ck")
+  calls = _fail_restores(monkeypatch, ck, OSError("storage unreachable"))
+  with pytest.raises(checkpoint.CheckpointRestoreError, match="step 2.*OSError: storage unreachable"):
+    ck.restore_latest(_abstract(state))
+  ck.close()
+  assert calls["n"] == len(checkpoint.RETRY_DELAYS_S) + 1
+  assert _names(tmp_path / "ck") == ["1", "2"]
+
+
+def test_a_truncated_array_file_is_set_aside_and_the_previous_step_restored(tmp_path):
+  state = _state()
+  _save(tmp_path / "ck", [1, 2], state)
+  for p in (tmp_path / "ck" / "2" / "state").rglob("*"):
+    if p.is_file() and "d" in p.relative_to(tmp_path / "ck" / "2" / "state").parts:
+      p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+  ck = checkpoint.Checkpointer(tmp_path / "ck")
+  step, _, _ = ck.restore_latest(_abstract(state))
+  ck.close()
+  assert step == 1 and _names(tmp_path / "ck") == ["1", "2.corrupt"]
+
+
+def test_a_restore_error_with_intact_files_is_not_called_damage(tmp_path, monkeypatch, no_retry_wait):
+  # An error that looks like damage (a TensorStore data code) while placing the state on the mesh: the files read
+  # back on the host, so the step is kept and the run stops.
+  state = _state()
+  _save(tmp_path / "ck", [1, 2], state)
+  ck = checkpoint.Checkpointer(tmp_path / "ck")
+  _fail_restores(monkeypatch, ck, ValueError("INVALID_ARGUMENT: sharding does not fit the devices"))
+  with pytest.raises(checkpoint.CheckpointRestoreError, match="step 2"):
+    ck.restore_latest(_abstract(state))
+  ck.close()
+  assert _names(tmp_path / "ck") == ["1", "2"]
+
+
+def test_restore_fields_raises_on_out_of_memory_instead_of_reading_an_older_step(tmp_path, monkeypatch, no_retry_wait):
+  _save(tmp_path / "run" / "checkpoints", [5, 7], _state())
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+
+  monkeypatch.setattr(checkpoint, "_restore_partial", out_of_memory)
+  with pytest.raises(checkpoint.CheckpointRestoreError, match="checkpoints/7.*RESOURCE_EXHAUSTED"):
+    checkpoint.restore_fields(tmp_path / "run", {"params": None})
+  assert _names(tmp_path / "run" / "checkpoints") == ["5", "7"]
+
+
+def test_a_run_whose_restore_runs_out_of_memory_stops_without_restarting(tmp_path, monkeypatch, no_retry_wait):
+  from ifsq_jax.train import toy  # pylint: disable=g-import-not-at-top
+  toy.train_and_evaluate(toy_config(**{"train.num_steps": 2, "checkpoint.every": 1}), tmp_path)
+  before = _names(tmp_path / "checkpoints")
+  real = checkpoint.Checkpointer._new_manager  # pylint: disable=protected-access
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+
+  def manager(self):
+    m = real(self)
+    m.restore = out_of_memory
+    return m
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "_new_manager", manager)
+  with pytest.raises(checkpoint.CheckpointRestoreError, match="step 2"):
+    toy.train_and_evaluate(toy_config(**{"train.num_steps": 4}), tmp_path)
+  assert _names(tmp_path / "checkpoints") == before
