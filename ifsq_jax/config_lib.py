@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.999
   c.train.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
   c.train.compute_dtype = "float32"
+  # Stop before step 1 when a compiled step's peak exceeds a device's memory (on CPU: the host's available memory
+  # shared by its devices). False: try anyway.
+  c.train.check_memory = True
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-4

@@ -178,6 +178,50 @@ def _memory(kind: str, compiled, step_flops: float) -> StepMemory:
                     int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes), step_flops)
 
 
+def _memory_limit(devices: list) -> tuple[int, str] | None:
+  """(bytes a device may newly allocate, where that figure comes from); None when JAX does not say.
+
+  On accelerators: the device's ``bytes_limit``. On CPU the devices of a process share the host: the host's
+  available memory (``MemAvailable``, which the state already placed has reduced) over the process's devices.
+  """
+  device = devices[0]
+  if device.platform == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+      available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+      return None
+    local = sum(d.process_index == jax.process_index() for d in devices)
+    return available // max(local, 1), f"the host's available memory ({available / 2**30:,.1f} GiB) / {local} CPU devices"
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  return (int(limit), f"{device.device_kind} memory") if limit else None
+
+
+def check_fits(memory: list[StepMemory], devices: list, config: ml_collections.ConfigDict) -> None:
+  """Raises DoesNotFit before step 1 when a compiled step needs more memory than a device has.
+
+  On CPU the state and batch are already allocated (and counted out of the available memory), so only what the
+  step adds (outputs not aliased to arguments, temporaries) is compared; on accelerators the whole peak.
+  """
+  limit = _memory_limit(devices)
+  if limit is None or not config.train.check_memory:
+    return
+  available, source = limit
+  on_cpu = devices[0].platform == "cpu"
+  for r in memory:
+    need = r.peak - r.arguments if on_cpu else r.peak
+    if need > available:
+      gib = lambda b: f"{b / 2**30:,.2f} GiB"
+      raise DoesNotFit(
+          f"the compiled {r.kind!r} step needs {gib(need)} per device ({'new allocations' if on_cpu else 'peak'}: "
+          f"arguments {gib(r.arguments)}, temporaries {gib(r.temporaries)}), more than {gib(available)} ({source}). "
+          f"Levers: config.train.grad_accum_steps={config.train.grad_accum_steps} (more micro-batches), "
+          f"config.mesh.fsdp={config.mesh.fsdp} (shard the state over more devices), a smaller "
+          f"config.train.global_batch_size, or config.model.remat_policy where the model has one; "
+          f"config.train.check_memory=False tries anyway.")
+
+
 class _Steps:
   """Every step kind a run will use, compiled before step 1 (ahead of time, inside the mesh).
 
@@ -410,6 +454,13 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
     flag.restore()
     raise
   logging.info("Compiled steps, per device:\n%s", memory_table(steps.memory))
+  try:
+    check_fits(steps.memory, list(mesh.devices.flat), config)
+  except DoesNotFit:
+    batches.close()
+    data.close()
+    flag.restore()
+    raise
   writer = writers.create_writer(workdir)
   config_dict = config.to_dict()
   host = _HostMetrics(int(state.nonfinite_run), t.max_nonfinite_steps)
