@@ -70,7 +70,13 @@ Params mirror the reference's names (``layers.3.attention.wqkv`` becomes
 with params (and caches) stacked on a leading layer axis (``layers/...``), and so
 do the factorized blocks (``factorized_blocks/...``); ``remat_policy`` wraps each
 block in ``nn.remat``. The REPA tap rides in the scan's carry (see
-:mod:`ifsq_jax.models.dit`).
+:func:`ifsq_jax.models.transformer.run_stack`).
+
+The dense layer, attention with its KV cache, SwiGLU, RMSNorm, block stack,
+projector and label table are the shared parts of
+:mod:`ifsq_jax.models.transformer`; this file holds what is LlamaGen's own: the
+token embeddings, the class token, the Llama block, the factorized head and the
+decoding methods.
 
 Precision: params float32; ``dtype`` is the compute dtype of the matmuls; the
 residual stream is float32 (under the reference's bf16 autocast it is too: the
@@ -89,7 +95,6 @@ Z REPA width, S positions written in one decoding call.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -98,11 +103,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifsq_jax.models.dit import ATTENTION_IMPLS, REMAT_POLICIES, LabelEmbedder
-from ifsq_jax.models.dit import _remat_policy  # pylint: disable=protected-access
-# Re-exported: it counts the leaves of any param tree (boxed or plain).
-from ifsq_jax.models.dit import num_params  # pylint: disable=unused-import
-from ifsq_jax.parallel import BATCH, EMBED, HEADS, KV, LAYERS, MLP, NORM, VOCAB, constrain
+from ifsq_jax.models import transformer
+# Re-exported: the trainers and tests read these from here.
+from ifsq_jax.models.transformer import (ATTENTION_IMPLS, REMAT_POLICIES, CacheIndex,  # pylint: disable=unused-import
+                                         LabelEmbedder, num_params)
+from ifsq_jax.parallel import BATCH, EMBED, VOCAB, constrain
 
 # name: (depth, width, heads). "3B" is the reference's "LlamaGen-XXXL".
 LLAMAGEN_SIZES = {"S": (12, 384, 12), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (36, 1280, 20),
@@ -135,139 +140,21 @@ def rope_table(grid: int, head_dim: int) -> np.ndarray:
   ``theta_j = 10000^(-2j / (d/2))``; pair i of q and k rotates by angle i. Computed
   in float32, as the reference computes it.
   """
-  if head_dim % 4:
-    raise ValueError(f"head width {head_dim}: 2D RoPE needs a multiple of 4 (hidden_size / num_heads).")
-  half = head_dim // 2
-  freqs = (1.0 / np.float32(ROPE_BASE) ** (np.arange(0, half, 2, dtype=np.float32) / np.float32(half)))
-  freqs = freqs.astype(np.float32)[: half // 2]
-  angles = np.outer(np.arange(grid, dtype=np.float32), freqs).astype(np.float32)  # (grid, d/4)
-  cells = np.concatenate([np.broadcast_to(angles[:, None], (grid, grid, half // 2)),
-                          np.broadcast_to(angles[None, :], (grid, grid, half // 2))], axis=-1)
-  table = np.stack([np.cos(cells), np.sin(cells)], axis=-1).reshape(grid * grid, half, 2)
-  return np.concatenate([np.zeros((1, half, 2), np.float32), table]).astype(np.float32)
-
-
-def apply_rope(x: jax.Array, rope: jax.Array) -> jax.Array:
-  """x (B, S, K, d) rotated in adjacent pairs by rope (S, d/2, 2) = (cos, sin); float32 out."""
-  pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))  # (B, S, K, d/2, 2)
-  cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
-  x0, x1 = pairs[..., 0], pairs[..., 1]
-  return jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(x.shape)
+  angles = transformer.rope_angles_2d(grid, head_dim, ROPE_BASE)  # (N, d/2)
+  table = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+  return np.concatenate([np.zeros((1,) + table.shape[1:], np.float32), table]).astype(np.float32)
 
 
 # ------------------------------------------------------------------ layers
 
-class Linear(nn.Module):
-  """``x @ kernel (+ bias)`` over the last ``n_in`` axes of x; kernel (*in, *features), init N(0, 0.02) or zero.
-
-  Attributes:
-    features: Output shape.
-    axes: Logical names of the kernel's axes (inputs then outputs); the bias takes the output names.
-    n_in: Input axes contracted.
-    use_bias: Add a (zero-initialised) bias.
-    zero_init: Zero kernel (the output heads).
-    dtype: Compute dtype.
-    out_dtype: Result dtype (default ``dtype``); the products accumulate in float32 either way.
-  """
-
-  features: Sequence[int]
-  axes: Sequence[str | None]
-  n_in: int = 1
-  use_bias: bool = False
-  zero_init: bool = False
-  dtype: Any = jnp.float32
-  out_dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    features = tuple(self.features)
-    init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.normal(INIT_STD)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
-                        tuple(x.shape[-self.n_in:]) + features)
-    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
-                            preferred_element_type=jnp.float32)
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                             tuple(self.axes[self.n_in:])), features)
-      y = y + bias
-    return y.astype(self.out_dtype or self.dtype)
-
-
 def _rms_norm(dtype: Any, name: str) -> nn.RMSNorm:
-  ones = nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,))
-  return nn.RMSNorm(epsilon=NORM_EPS, dtype=dtype, scale_init=ones, name=name)
+  return transformer.norm("rmsnorm", dtype, name, eps=NORM_EPS)
 
 
 def _embed(num: int, width: int, name: str) -> nn.Embed:
   """A float32 table (num, D), N(0, 0.02): the residual stream it starts stays float32."""
   init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), (VOCAB, EMBED))
   return nn.Embed(num, width, dtype=jnp.float32, embedding_init=init, name=name)
-
-
-class Attention(nn.Module):
-  """Causal multi-head self-attention with 2D RoPE, and its KV cache for decoding.
-
-  Attributes:
-    num_heads: K.
-    cache_len: Positions the KV cache holds (N).
-    attention_impl: ``jax.nn.dot_product_attention`` implementation for teacher forcing.
-    dtype: Compute dtype (also the cache's).
-  """
-
-  num_heads: int
-  cache_len: int
-  attention_impl: str = "xla"
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, rope: jax.Array, position: jax.Array | None) -> jax.Array:
-    """x (B, S, D), rope (S, d/2, 2); position None: causal over x; else x enters the cache at ``position``."""
-    heads, head_dim = self.num_heads, x.shape[-1] // self.num_heads
-    qkv = Linear((3, heads, head_dim), (EMBED, None, HEADS, KV), dtype=self.dtype, name="wqkv")(x)  # (B, S, 3, K, d)
-    q, k = apply_rope(qkv[:, :, 0], rope), apply_rope(qkv[:, :, 1], rope)
-    q, k, v = (constrain(a.astype(self.dtype), (BATCH, None, HEADS, KV)) for a in (q, k, qkv[:, :, 2]))
-    if position is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=ATTENTION_IMPLS[self.attention_impl])
-    else:
-      out = self._cached(q, k, v, position)
-    return Linear((x.shape[-1],), (HEADS, KV, EMBED), n_in=2, dtype=self.dtype, name="wo")(out)
-
-  def _cached(self, q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array) -> jax.Array:
-    """Writes k, v (B, S, K, d) at [position, position + S) and attends over the cache up to each query."""
-    # Heads before positions, (B, K, N, d): the two attention products read the cache as stored. In the
-    # (B, N, K, d) layout of teacher forcing, every step would transpose (copy) the whole cache of every layer.
-    shape = (k.shape[0], k.shape[2], self.cache_len, k.shape[3])
-    keys = self.variable("cache", "key", jnp.zeros, shape, self.dtype)
-    values = self.variable("cache", "value", jnp.zeros, shape, self.dtype)
-    if keys.value.shape != shape:
-      raise ValueError(f"the KV cache holds {keys.value.shape[0]} sequences, not {shape[0]}; start with prefill "
-                       "without a cache to allocate one of this batch size.")
-    start = (0, 0, position, 0)
-    write = lambda cache, x: constrain(jax.lax.dynamic_update_slice(cache, x.transpose(0, 2, 1, 3), start),
-                                       (BATCH, HEADS, None, KV))
-    keys.value, values.value = write(keys.value, k), write(values.value, v)
-    # (S, N): query s (at position + s) sees every written position up to its own; the rest is stale or empty.
-    mask = jnp.arange(self.cache_len)[None, :] <= position + jnp.arange(q.shape[1])[:, None]
-    scores = jnp.einsum("bskd,bknd->bksn", q, keys.value, preferred_element_type=jnp.float32)
-    scores = scores * (q.shape[-1] ** -0.5)
-    weights = jax.nn.softmax(jnp.where(mask[None, None], scores, -jnp.inf), axis=-1)
-    out = jnp.einsum("bksn,bknd->bskd", weights.astype(self.dtype), values.value, preferred_element_type=jnp.float32)
-    return out.astype(self.dtype)
-
-
-class FeedForward(nn.Module):
-  """SwiGLU ``w2(silu(w1 x) * w3 x)`` without biases."""
-
-  hidden: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    gate = Linear((self.hidden,), (EMBED, MLP), dtype=self.dtype, name="w1")(x)
-    up = Linear((self.hidden,), (EMBED, MLP), dtype=self.dtype, name="w3")(x)
-    h = constrain(nn.silu(gate) * up, (BATCH, None, MLP))
-    return Linear((x.shape[-1],), (MLP, EMBED), dtype=self.dtype, name="w2")(h)
 
 
 class TransformerBlock(nn.Module):
@@ -281,41 +168,19 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, rope: jax.Array, train: bool, position: jax.Array | None) -> jax.Array:
+    """rope (S, d/2, 2) = (cos, sin) of each position; position: see :class:`transformer.Attention`."""
     drop = lambda y: nn.Dropout(self.dropout_prob)(y, deterministic=not train)
-    h = Attention(self.num_heads, self.cache_len, self.attention_impl, self.dtype, name="attention")(
-        _rms_norm(self.dtype, "attention_norm")(x), rope, position)
+    init = nn.initializers.normal(INIT_STD)
+    h = transformer.Attention(self.num_heads, causal=True, cache_len=self.cache_len, kernel_init=init,
+                              names=("wqkv", "wo"), attention_impl=self.attention_impl, dtype=self.dtype,
+                              name="attention")(_rms_norm(self.dtype, "attention_norm")(x),
+                                                (rope[..., 0], rope[..., 1]), position)
     x = x + drop(h)
-    h = FeedForward(ffn_hidden(x.shape[-1]), self.dtype, name="feed_forward")(_rms_norm(self.dtype, "ffn_norm")(x))
+    h = transformer.SwiGLU(ffn_hidden(x.shape[-1]), ("w1", "w3", "w2"), use_bias=False, kernel_init=init,
+                           dtype=self.dtype, name="feed_forward")(_rms_norm(self.dtype, "ffn_norm")(x))
     x = constrain(x + drop(h), (BATCH, None, EMBED))
     self.sow("intermediates", "hidden", x)
     return x
-
-
-class CacheIndex(nn.Module):
-  """The next position to write: a scalar ``index`` in the "cache" collection."""
-
-  @nn.compact
-  def __call__(self, start: bool, length: int) -> jax.Array:
-    """The position (int32 scalar) ``length`` new entries start at (0 with ``start``); advances the index past them."""
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    position = jnp.zeros((), jnp.int32) if start else index.value
-    index.value = position + length
-    return position
-
-
-class Projector(nn.Module):
-  """REPA projector: (B, N, D) -> (B, N, Z), D -> P -> P -> Z with SiLU between, biases, N(0, 0.02) init."""
-
-  projector_dim: int
-  z_dim: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dense = lambda n, axes, name: Linear((n,), axes, use_bias=True, dtype=self.dtype, name=name)
-    h = nn.silu(dense(self.projector_dim, (EMBED, MLP), "linear_0")(x))
-    h = nn.silu(dense(self.projector_dim, (MLP, EMBED), "linear_1")(h))
-    return dense(self.z_dim, (EMBED, MLP), "linear_2")(h)
 
 
 # ------------------------------------------------------------------ the model
@@ -362,21 +227,10 @@ class LlamaGen(nn.Module):
   scan_layers: bool = True
 
   def _check(self) -> None:
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl={self.attention_impl!r} is not valid; use one of {tuple(ATTENTION_IMPLS)}.")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r} is not valid; use one of {REMAT_POLICIES}.")
+    transformer.check_fields(self, probs=("class_dropout_prob", "token_dropout_prob", "dropout_prob"))
     if not self.vocab_sizes or len(self.vocab_sizes) > MAX_GROUPS or min(self.vocab_sizes) < 1:
       raise ValueError(f"vocab_sizes={tuple(self.vocab_sizes)} must hold 1 to {MAX_GROUPS} positive sizes (one per "
                        "sub-token group).")
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}.")
-    if self.z_dim < 0 or (self.z_dim and not 0 <= self.encoder_depth <= self.depth):
-      raise ValueError(f"encoder_depth={self.encoder_depth} must be in [0, depth={self.depth}] and z_dim={self.z_dim}"
-                       " >= 0 (0: no REPA projector).")
-    for name in ("class_dropout_prob", "token_dropout_prob", "dropout_prob"):
-      if not 0 <= getattr(self, name) < 1:
-        raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
     if self.factorized and self.factorized_depth < 1:
       raise ValueError(f"factorized_depth={self.factorized_depth} must be >= 1 for the sub-token groups "
                        f"{tuple(self.vocab_sizes)}.")
@@ -402,47 +256,21 @@ class LlamaGen(nn.Module):
       # Sequences of G <= 4 positions gain nothing from a fused kernel.
       self.factorized_blocks = self._stack(self.factorized_depth, groups, "xla")
     self.norm = _rms_norm(self.dtype, "norm")
-    self.output = [Linear((v,), (EMBED, VOCAB), zero_init=True, dtype=self.dtype, out_dtype=jnp.float32,
-                          name=f"output_{g}" if self.factorized else "output") for g, v in enumerate(self.vocab_sizes)]
+    self.output = [transformer.Dense((v,), (EMBED, VOCAB), use_bias=False, zero_init=True, dtype=self.dtype,
+                                     out_dtype=jnp.float32, name=f"output_{g}" if self.factorized else "output")
+                   for g, v in enumerate(self.vocab_sizes)]
     if self.z_dim:
-      self.projector = Projector(self.projector_dim, self.z_dim, self.dtype)
+      self.projector = transformer.Projector(self.projector_dim, self.z_dim, nn.initializers.normal(INIT_STD),
+                                             self.dtype)
     self.token_dropout = nn.Dropout(self.token_dropout_prob)
     self.cache_index = CacheIndex()
 
   def _stack(self, depth: int, cache_len: int, attention_impl: str) -> nn.Module | list[nn.Module]:
     """One block to scan, or ``depth`` blocks."""
-    block = TransformerBlock
-    if self.remat_policy != "none":
-      # train (argument 3, self being 0) is a Python bool. Outside scan, prevent_cse keeps XLA from merging the
-      # recomputation with the forward pass.
-      block = nn.remat(TransformerBlock, policy=_remat_policy(self.remat_policy), prevent_cse=not self.scan_layers,
-                       static_argnums=(3,))
-    kwargs = dict(num_heads=self.num_heads, cache_len=cache_len, dropout_prob=self.dropout_prob,
-                  attention_impl=attention_impl, dtype=self.dtype)
-    return block(**kwargs) if self.scan_layers else [block(**kwargs) for _ in range(depth)]
-
-  def _run(self, blocks: nn.Module | list[nn.Module], depth: int, x: jax.Array, rope: jax.Array, train: bool,
-           position: jax.Array | None, tap: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-    """Runs ``depth`` blocks; ``tap`` (if not None) becomes the stream after block ``encoder_depth``."""
-    if not self.scan_layers:
-      for i, block in enumerate(blocks):
-        x = block(x, rope, train, position)
-        if tap is not None and i + 1 == self.encoder_depth:
-          tap = x
-      return x, tap
-
-    def body(block, carry, layer, rope, position):
-      x, tap = carry
-      x = block(x, rope, train, position)
-      if tap is not None:
-        tap = jnp.where(layer + 1 == self.encoder_depth, x, tap)
-      return (x, tap), None
-
-    scan = nn.scan(body, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-                   split_rngs={"params": True, "dropout": True}, in_axes=(0, nn.broadcast, nn.broadcast),
-                   length=depth, metadata_params={nn.PARTITION_NAME: LAYERS})
-    (x, tap), _ = scan(blocks, (x, tap), jnp.arange(depth), rope, position)
-    return x, tap
+    # train (argument 3, self being 0) is a Python bool.
+    return transformer.block_stack(TransformerBlock, depth, scan_layers=self.scan_layers, remat=self.remat_policy,
+                                   static_argnums=(3,), num_heads=self.num_heads, cache_len=cache_len,
+                                   dropout_prob=self.dropout_prob, attention_impl=attention_impl, dtype=self.dtype)
 
   def _embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """(B, S) or (B, S, G) int -> (B, S, D) float32; sub-token embeddings are summed."""
@@ -478,8 +306,8 @@ class LlamaGen(nn.Module):
     b, s, width = h.shape
     groups = len(self.vocab_sizes)
     ctx = jnp.stack([h] + [self.embeddings[g](tokens[..., g]) for g in range(groups - 1)], axis=2)  # (B, S, G, D)
-    ctx, _ = self._run(self.factorized_blocks, self.factorized_depth, ctx.reshape(b * s, groups, width),
-                       self._rope()[:groups], train, None, None)
+    ctx, _ = transformer.run_stack(self.factorized_blocks, self.factorized_depth, ctx.reshape(b * s, groups, width),
+                                   self._rope()[:groups], train, None)
     return self._heads(ctx.reshape(b, s, groups, width), only)
 
   def __call__(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False,
@@ -499,15 +327,14 @@ class LlamaGen(nn.Module):
       (B, N, V_g); with ``return_repa`` a pair (logits, repa_features (B, N, Z) float32).
     """
     self._check_tokens(tokens, (1, self.seq_len), "tokens")
-    if return_repa and not self.z_dim:
-      raise ValueError("return_repa=True needs a REPA projector; this LlamaGen has z_dim=0.")
     n = tokens.shape[1]
     cls = self.cls_embedding(labels, train)[:, None]  # (B, 1, D)
     h = jnp.concatenate([cls, self._embed_tokens(tokens[:, :-1])], axis=1)  # (B, N, D) float32
     h = constrain(self.token_dropout(h, deterministic=not train), (BATCH, None, EMBED))
     self.sow("intermediates", "embeddings", h)
-    repa = bool(self.z_dim) and (return_repa or self.is_initializing())  # init creates the projector's params
-    h, tap = self._run(self.layers, self.depth, h, self._rope()[:n], train, None, h if repa else None)
+    repa = transformer.wants_repa(self, return_repa)
+    h, tap = transformer.run_stack(self.layers, self.depth, h, self._rope()[:n], train, None,
+                                   tap_layer=self.encoder_depth if repa else None)
     logits = self._subtoken_logits(h, tokens, train=train) if self.factorized else self._heads(h)[0]
     if not repa:
       return logits
@@ -520,7 +347,7 @@ class LlamaGen(nn.Module):
     """Embedded inputs h (B, S, D) at the cache's index (0 with ``start``) -> outputs (B, S, D) float32."""
     position = self.cache_index(start, h.shape[1])
     rope = jax.lax.dynamic_slice_in_dim(self._rope(), position, h.shape[1])
-    h, _ = self._run(self.layers, self.depth, constrain(h, (BATCH, None, EMBED)), rope, False, position, None)
+    h, _ = transformer.run_stack(self.layers, self.depth, constrain(h, (BATCH, None, EMBED)), rope, False, position)
     return h
 
   def _decode_out(self, h: jax.Array) -> jax.Array:
@@ -583,15 +410,7 @@ def llamagen_config(size: str = "L", **overrides: Any) -> dict[str, Any]:
     size: A key of LLAMAGEN_SIZES ("S", "B", "L", "XL", "XXL", "3B").
     **overrides: LlamaGen field values (``vocab_sizes`` as a tuple).
   """
-  if size not in LLAMAGEN_SIZES:
-    raise ValueError(f"size={size!r} is not valid; use one of {list(LLAMAGEN_SIZES)}.")
-  names = [f.name for f in dataclasses.fields(LlamaGen) if f.name not in ("parent", "name")]
-  unknown = sorted(set(overrides) - set(names))
-  if unknown:
-    raise ValueError(f"LlamaGen has no fields {unknown}; its fields are {sorted(names)}.")
-  defaults = {f.name: f.default for f in dataclasses.fields(LlamaGen) if f.name in names and f.name != "dtype"}
-  depth, width, heads = LLAMAGEN_SIZES[size]
-  out = {**defaults, "depth": depth, "hidden_size": width, "num_heads": heads, **overrides}
+  out = transformer.sized_config(LlamaGen, LLAMAGEN_SIZES, size, **overrides)
   out["vocab_sizes"] = tuple(int(v) for v in out["vocab_sizes"])  # hashable: modules are static jit arguments
   return out
 
