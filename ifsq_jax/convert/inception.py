@@ -1,6 +1,7 @@
 """pytorch-fid Inception-v3 weights (``pt_inception-2015-12-05-6726825d.pth``) -> :class:`InceptionV3FID` variables.
 
-Module names match; ``X.conv.weight`` (O, I, kH, kW) -> ``X/conv/kernel``
+Module names match, so the converter engine's table (:mod:`ifsq_jax.convert.engine`)
+is the model's variables renamed: ``X.conv.weight`` (O, I, kH, kW) -> ``X/conv/kernel``
 (kH, kW, I, O), ``X.bn.{weight,bias}`` -> ``X/bn/{scale,bias}``,
 ``X.bn.running_{mean,var}`` -> ``batch_stats`` ``X/bn/{mean,var}``, and the 1008-way
 classifier ``fc.weight`` (K, 2048) -> ``fc/kernel`` (2048, K), ``fc.bias`` ->
@@ -17,11 +18,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from ifsq_jax.convert import torch_io
+from ifsq_jax.convert import engine, torch_io
+from ifsq_jax.convert.engine import Entry
+from ifsq_jax.models import saved
 from ifsq_jax.nets.inception import CLASSES, FEATURES, InceptionV3FID
 
 IGNORED = ("AuxLogits.",)
 FC = ("fc.weight", "fc.bias")
+_TORCH_NAME = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
 def _init_fn():
@@ -32,8 +36,18 @@ def _expected() -> dict[str, Any]:
   return jax.eval_shape(_init_fn)
 
 
+def key_map(expected: dict[str, Any]) -> list[Entry]:
+  """The state-dict key of every variable path of ``expected`` ({"params/X/conv/kernel": shape, ...})."""
+  entries = []
+  for path in expected:
+    _, *names = path.split("/")  # the collection ("params" / "batch_stats") is not in the key
+    key = ".".join(names[:-1] + [_TORCH_NAME[names[-1]]])
+    entries.append(Entry(key, path, "conv" if names[-1] == "kernel" else "copy"))
+  return entries
+
+
 def convert(sd: dict[str, np.ndarray], allow_partial: bool = False,
-            dropped: torch_io.Dropped | None = None) -> dict[str, Any]:
+            dropped: engine.Dropped | None = None) -> dict[str, Any]:
   """State dict -> {"params": ..., "batch_stats": ...}.
 
   With ``allow_partial``, unmapped entries are dropped and variables the
@@ -41,33 +55,11 @@ def convert(sd: dict[str, np.ndarray], allow_partial: bool = False,
   added to ``dropped``.
   """
   sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-  used: set[str] = set()
-  missing: list[str] = []
-  torch_name = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-  def take(path, leaf):
-    names = [p.key for p in path][1:]  # drop the collection ("params" / "batch_stats")
-    key = ".".join(names[:-1] + [torch_name[names[-1]]])
-    if key not in sd:
-      if allow_partial:
-        missing.append("/".join([path[0].key] + names))
-        return None
-      raise torch_io.ConversionError(f"the checkpoint has no entry {key!r}: it is not a pytorch-fid Inception-v3.")
-    used.add(key)
-    v = np.asarray(sd[key], np.float32)
-    if names[-1] == "kernel":
-      v = v.transpose(2, 3, 1, 0)
-    if v.shape != leaf.shape:
-      raise torch_io.ConversionError(f"{key} has shape {v.shape}, expected {leaf.shape}.")
-    return v
-
-  out = jax.tree_util.tree_map_with_path(take, _expected())
+  expected = engine.flat(_expected())
   fc = _classifier(sd)
-  used.update(FC if fc is not None else ())
-  torch_io.check_all_used(sd, used, ignore=IGNORED, allow_partial=allow_partial, dropped=dropped)
-  if missing:
-    torch_io.report_dropped(left_at_init=missing, dropped=dropped)
-    out = jax.tree.map(lambda v, i: np.asarray(i) if v is None else v, out, _init_fn(), is_leaf=lambda x: x is None)
+  out = engine.to_params(sd, key_map(expected), expected, lambda: engine.flat(_init_fn()), model="Inception-v3",
+                         hint="it is not a pytorch-fid Inception-v3", allow_partial=allow_partial, dropped=dropped,
+                         ignore=IGNORED, used=FC if fc is not None else ())
   if fc is None:
     logging.info("The checkpoint has no classifier (fc): the converted weights give pool and spatial features, "
                  "not the logits of the Inception Score.")
@@ -91,15 +83,15 @@ def _classifier(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
 
 
 def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False) -> str:
-  dropped = torch_io.Dropped()
+  dropped = engine.Dropped()
   variables = convert(torch_io.read_state_dict(checkpoint), allow_partial, dropped)
-  torch_io.save_converted(out_dir, variables, {"kind": "inception"})
+  saved.save(out_dir, variables, {"kind": "inception"})
   return "InceptionV3FID" + (f" ({dropped.summary()})" if dropped else "")
 
 
 def load(path: str, **fields):
   """(InceptionV3FID module, variables) from a converted directory; ``fields`` set the module's (``preprocess``)."""
-  variables, _ = torch_io.load_converted(path, "inception")
+  variables, _ = saved.load(path, "inception")
   return InceptionV3FID(**fields), variables
 
 

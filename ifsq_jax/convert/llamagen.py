@@ -11,8 +11,8 @@ prod(levels)-way token; ``[2, 2]``: two groups); the sizes are read from the
 checkpoint's token embeddings and checked against ``fsq.factorized_bits`` and
 ``vqvae.codebook_size`` / ``cusvq.codebook_size`` where the YAML gives them.
 
-Every state-dict entry is mapped by one table (:func:`key_map`) that serves both
-directions: ``layers.3.attention.wqkv.weight`` (3D, D) becomes
+Every state-dict entry is mapped by one table (:func:`key_map`) that the converter
+engine (:mod:`ifsq_jax.convert.engine`) runs both ways: ``layers.3.attention.wqkv.weight`` (3D, D) becomes
 ``layers_3/attention/wqkv/kernel`` (D, 3, K, d); ``0_emb.weight`` becomes
 ``emb_0/embedding``, ``output.1.weight`` ``output_1/kernel``. With ``scan_layers``
 the layers are stacked into ``layers/...`` (depth, ...), the sub-token blocks into
@@ -34,8 +34,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from ifsq_jax.convert import torch_io
-from ifsq_jax.convert.dit import DINOV2_WIDTHS, Entry, read_checkpoint, torch_shape
+from ifsq_jax.convert import engine, torch_io
+from ifsq_jax.convert.engine import Entry, torch_shape  # pylint: disable=unused-import
+from ifsq_jax.models import saved
 from ifsq_jax.models.llamagen import LLAMAGEN_SIZES, LlamaGen, example_inputs, llamagen_config
 
 # The reference's model_type suffixes (LlamaGen_models) -> our sizes.
@@ -44,10 +45,10 @@ STACKS = ("layers", "factorized_blocks")  # module lists that nn.scan stacks
 
 
 def _block(key: str, path: str) -> list[Entry]:
-  entries = [Entry(f"{key}.attention.wqkv.weight", f"{path}/attention/wqkv/kernel", "linear"),
-             Entry(f"{key}.attention.wo.weight", f"{path}/attention/wo/kernel", "linear", n_in=2)]
-  entries += [Entry(f"{key}.feed_forward.{w}.weight", f"{path}/feed_forward/{w}/kernel", "linear")
-              for w in ("w1", "w3", "w2")]
+  entries = [*engine.linear(f"{key}.attention.wqkv", f"{path}/attention/wqkv", bias=False),
+             *engine.linear(f"{key}.attention.wo", f"{path}/attention/wo", n_in=2, bias=False)]
+  for w in ("w1", "w3", "w2"):
+    entries += engine.linear(f"{key}.feed_forward.{w}", f"{path}/feed_forward/{w}", bias=False)
   return entries + [Entry(f"{key}.{n}.weight", f"{path}/{n}/scale") for n in ("attention_norm", "ffn_norm")]
 
 
@@ -67,55 +68,28 @@ def key_map(fields: dict[str, Any]) -> list[Entry]:
       entries += _block(f"factorized_blocks.{i}", f"factorized_blocks_{i}")
   entries.append(Entry("norm.weight", "norm/scale"))
   if groups == 1:
-    entries.append(Entry("output.weight", "output/kernel", "linear"))
+    entries += engine.linear("output", "output", bias=False)
   else:
-    entries += [Entry(f"output.{g}.weight", f"output_{g}/kernel", "linear") for g in range(groups)]
+    for g in range(groups):
+      entries += engine.linear(f"output.{g}", f"output_{g}", bias=False)
   if f["z_dim"]:
     for j, torch_index in enumerate((0, 2, 4)):
-      entries += [Entry(f"projectors.0.{torch_index}.weight", f"projector/linear_{j}/kernel", "linear"),
-                  Entry(f"projectors.0.{torch_index}.bias", f"projector/linear_{j}/bias", "bias")]
+      entries += engine.linear(f"projectors.0.{torch_index}", f"projector/linear_{j}")
   return entries
-
-
-def _to_param(entry: Entry, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  return value.T.reshape(shape) if entry.kind == "linear" else value.reshape(shape)
-
-
-def _to_torch(entry: Entry, value: np.ndarray) -> np.ndarray:
-  shape = torch_shape(entry, value.shape)
-  return value.reshape(shape[::-1]).T if entry.kind == "linear" else value.reshape(shape)
-
-
-# ------------------------------------------------------------------ layouts
-
-def _flat(tree: dict[str, Any]) -> dict[str, Any]:
-  return {jax.tree_util.keystr(p, simple=True, separator="/"): leaf
-          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
   """Unscanned params (``layers_0`` ..., ``factorized_blocks_0`` ...) -> scanned (leading layer axis)."""
-  out = {k: v for k, v in params.items() if not re.fullmatch(rf"({'|'.join(STACKS)})_\d+", k)}
-  for name in STACKS:
-    depth = sum(1 for k in params if re.fullmatch(rf"{name}_\d+", k))
-    if depth:
-      out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                               *[params[f"{name}_{i}"] for i in range(depth)])
-  return out
+  return engine.stack(params, STACKS)
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
   """Scanned params (``layers``, ``factorized_blocks`` with a leading layer axis) -> unscanned."""
-  out = {k: v for k, v in params.items() if k not in STACKS}
-  for name in STACKS:
-    if name in params:
-      for i in range(jax.tree.leaves(params[name])[0].shape[0]):
-        out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), params[name])
-  return out
+  return engine.unstack(params, STACKS)
 
 
 def _unscanned_init(fields: dict[str, Any], abstract: bool) -> dict[str, Any]:
-  """The params of ``LlamaGen(**fields)`` in the unscanned layout: shapes (``abstract``) or the init with key 0.
+  """The params of ``LlamaGen(**fields)`` in the unscanned layout, flat: shapes (``abstract``) or the init with key 0.
 
   The init runs the scanned model (one block to compile whatever the depth) and
   unstacks it, with an "rbg" key: XLA's CPU backend compiles threefry draws slowly.
@@ -123,14 +97,14 @@ def _unscanned_init(fields: dict[str, Any], abstract: bool) -> dict[str, Any]:
   module = lambda scan: LlamaGen(**{**fields, "scan_layers": scan, "remat_policy": "none"})
   args = (jax.random.key(0, impl="rbg"), *example_inputs(module(True)))
   if abstract:
-    return nn.meta.unbox(jax.eval_shape(module(False).init, *args)["params"])
-  return unstack_layers(jax.device_get(nn.meta.unbox(jax.jit(module(True).init)(*args)["params"])))
+    return engine.flat(nn.meta.unbox(jax.eval_shape(module(False).init, *args)["params"]))
+  return engine.flat(unstack_layers(jax.device_get(nn.meta.unbox(jax.jit(module(True).init)(*args)["params"]))))
 
 
 # ------------------------------------------------------------------ state dict <-> params
 
 def to_params(sd: dict[str, np.ndarray], fields: dict[str, Any], allow_partial: bool = False,
-              dropped: torch_io.Dropped | None = None) -> dict[str, Any]:
+              dropped: engine.Dropped | None = None) -> dict[str, Any]:
   """State dict -> params of ``LlamaGen(**fields)`` (numpy, in the layout of ``fields["scan_layers"]``).
 
   Args:
@@ -146,40 +120,16 @@ def to_params(sd: dict[str, np.ndarray], fields: dict[str, Any], allow_partial: 
   """
   fields = llamagen_config(**fields)
   sd = {k.removeprefix("module."): v for k, v in sd.items()}
-  entries = key_map(fields)
-  expected = _flat(_unscanned_init(fields, abstract=True))
-  flat: dict[str, np.ndarray] = {}
-  for entry in entries:
-    if entry.key not in sd:
-      continue
-    shape = tuple(expected[entry.path].shape)
-    value = np.asarray(sd[entry.key], np.float32)
-    if value.shape != torch_shape(entry, shape):
-      raise torch_io.ConversionError(f"{entry.key}: checkpoint shape {value.shape}, but {entry.path} of this "
-                                     f"LlamaGen needs {torch_shape(entry, shape)}; check the run config (model "
-                                     "size, classes, image size / downsampling, REPA encoder).")
-    flat[entry.path] = _to_param(entry, value, shape)
-  missing = sorted(p for p in expected if p not in flat)
-  if missing and not allow_partial:
-    keys = {e.path: e.key for e in entries}
-    raise torch_io.ConversionError(
-        f"the checkpoint has nothing for {len(missing)} model parameters: "
-        + ", ".join(f"{keys[p]} -> {p}" for p in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        + " (pass --allow_partial to keep their initial values).")
-  torch_io.check_all_used(sd, {e.key for e in entries if e.path in flat}, allow_partial=allow_partial,
-                          dropped=dropped)
-  if missing:
-    torch_io.report_dropped(left_at_init=missing, dropped=dropped)
-    initial = _flat(_unscanned_init(fields, abstract=False))
-    flat.update({p: np.asarray(initial[p]) for p in missing})
-  params = torch_io.unflatten(flat)
+  params = engine.to_params(
+      sd, key_map(fields), _unscanned_init(fields, abstract=True), lambda: _unscanned_init(fields, abstract=False),
+      model="LlamaGen", hint="check the run config (model size, classes, image size / downsampling, REPA encoder)",
+      allow_partial=allow_partial, dropped=dropped)
   return stack_layers(params) if fields["scan_layers"] else params
 
 
 def to_state_dict(params: dict[str, Any], fields: dict[str, Any]) -> dict[str, np.ndarray]:
   """Params of ``LlamaGen(**fields)`` (either layout) -> the official state dict."""
-  flat = _flat(unstack_layers(nn.meta.unbox(params)))
-  return {e.key: np.ascontiguousarray(_to_torch(e, np.asarray(flat[e.path], np.float32))) for e in key_map(fields)}
+  return engine.to_state_dict(unstack_layers(nn.meta.unbox(params)), key_map(fields))
 
 
 # ------------------------------------------------------------------ files
@@ -211,7 +161,7 @@ def fields_from_reference(run: dict[str, Any], vocab_sizes: tuple[int, ...]) -> 
     run: The run config.
     vocab_sizes: From the checkpoint (:func:`vocab_sizes_of`); checked against the YAML.
   """
-  model, data, repa = run.get("model") or {}, run.get("data") or {}, run.get("repa") or {}
+  model, data = run.get("model") or {}, run.get("data") or {}
   model_type = str(model.get("model_type", ""))
   match = re.fullmatch(r"LlamaGen-(\w+)", model_type)
   if not match or match.group(1) not in REFERENCE_SIZES:
@@ -234,19 +184,11 @@ def fields_from_reference(run: dict[str, Any], vocab_sizes: tuple[int, ...]) -> 
                     "reference's runs with drop path (this matters only to further training).",
                     model["drop_path_rate"])
   dropout = 0.0 if model.get("drop_path_rate", 0.0) > 0 else model.get("dropout_p", 0.1)
-  z_dim, encoder_depth = 0, repa.get("encoder_depth", 8)
-  if repa.get("use_repa", False):
-    enc_type = str(repa.get("enc_type", ""))
-    enc = re.fullmatch(r"dinov2-vit-([sblg])", enc_type)
-    if not enc:
-      raise torch_io.ConversionError(f"repa.enc_type={enc_type!r} is not supported; use one DINOv2 encoder, "
-                                     "dinov2-vit-{s,b,l,g}.")
-    z_dim = DINOV2_WIDTHS[enc.group(1)]
   return llamagen_config(REFERENCE_SIZES[match.group(1)], vocab_sizes=vocab_sizes,
                          grid_size=data["image_size"] // ratio, num_classes=data["num_classes"],
                          factorized_depth=(run.get("fsq") or {}).get("factorized_n_layer", 2),
                          token_dropout_prob=model.get("token_dropout_p", 0.1), dropout_prob=dropout,
-                         encoder_depth=encoder_depth, z_dim=z_dim)
+                         **torch_io.repa_fields(run))
 
 
 def _check_vocab(run: dict[str, Any], vocab_sizes: tuple[int, ...]) -> None:
@@ -264,43 +206,19 @@ def _check_vocab(run: dict[str, Any], vocab_sizes: tuple[int, ...]) -> None:
                                      f"checkpoint's token embeddings have vocabulary {vocab_sizes}.")
 
 
-def _read_yaml(path: epath.PathLike) -> dict[str, Any]:
-  try:
-    import yaml  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise torch_io.ConversionError("reading --config needs PyYAML (pip install pyyaml); without --config the "
-                                   "run config saved in the checkpoint is used.") from None
-  try:
-    return yaml.safe_load(epath.Path(path).read_text())
-  except yaml.YAMLError as e:
-    raise torch_io.ConversionError(f"{path} is not a YAML run config: {str(e)[:300]}") from None
-
-
 def convert_file(checkpoint: epath.PathLike, out_dir: epath.PathLike, allow_partial: bool = False,
                  config: epath.PathLike | None = None, use_ema: bool = True) -> str:
   """Converts an official LlamaGen checkpoint into ``out_dir`` (params.safetensors + config.json); returns a summary."""
-  sd, saved = read_checkpoint(checkpoint, use_ema)
-  if config:
-    saved = _read_yaml(config)
-  if not isinstance(saved, dict) or not saved:
-    where = f"{config} is not a run config (a YAML mapping)" if config else f"{checkpoint} holds no run config"
-    raise torch_io.ConversionError(f"{where}; pass --config CONFIG_YAML (the run's config.yaml).")
-  fields = fields_from_reference(saved, vocab_sizes_of(sd))
-  dropped = torch_io.Dropped()
+  sd, run = torch_io.read_training_checkpoint(checkpoint, config, use_ema, "config.yaml")
+  fields = fields_from_reference(run, vocab_sizes_of(sd))
+  dropped = engine.Dropped()
   params = to_params(sd, fields, allow_partial, dropped)
-  torch_io.save_converted(out_dir, params, {"kind": "llamagen", "model": fields,
-                                            "weights": "ema" if use_ema else "model"})
+  saved.save(out_dir, params, {"kind": "llamagen", "model": fields, "weights": "ema" if use_ema else "model"})
   name = next(k for k, v in LLAMAGEN_SIZES.items()
               if v == (fields["depth"], fields["hidden_size"], fields["num_heads"]))
   summary = f"LlamaGen-{name} (vocabulary {'+'.join(map(str, fields['vocab_sizes']))})"
   return summary + (f" ({dropped.summary()})" if dropped else "")
 
 
-def load(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(LlamaGen fields, params) from a directory written by ``python -m ifsq_jax.convert llamagen``."""
-  params, config = torch_io.load_converted(path, "llamagen")
-  return llamagen_config(**{k: v for k, v in config["model"].items() if k != "dtype"}), params
-
-
-def exists(path: epath.PathLike) -> bool:
-  return torch_io.exists(path)
+load = saved.load_llamagen
+exists = saved.exists

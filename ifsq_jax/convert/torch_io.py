@@ -1,48 +1,73 @@
-"""Reading PyTorch state dicts safely, and writing / reading converted params.
+"""Reading PyTorch checkpoints safely, and the run configs of the official code.
 
 Input: a ``.safetensors`` file, or a ``.pth`` / ``.pt`` / ``.ckpt`` read with
-``torch.load(weights_only=True)`` (never unpickling arbitrary code). Output: a
-directory with ``params.safetensors`` (the flattened param tree, keys joined with
-``/``) and ``config.json`` (what is needed to rebuild the module). Every path may be
-local or ``gs://...`` (:mod:`ifsq_jax.paths`).
+``torch.load(weights_only=True)`` (never unpickling arbitrary code). Every path may be
+local or ``gs://...`` (:mod:`ifsq_jax.paths`). The converted output's format lives in
+:mod:`ifsq_jax.models.saved` (re-exported here for the converters' callers).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
+from collections.abc import Sequence
 from typing import Any
+
+import re
 
 import numpy as np
 from etils import epath
 
 from ifsq_jax import paths
+from ifsq_jax.convert.engine import Dropped  # pylint: disable=unused-import
+from ifsq_jax.models import saved
+from ifsq_jax.models.saved import WHERE, ConversionError, flatten, unflatten  # pylint: disable=unused-import
 
-
-class ConversionError(ValueError):
-  """A checkpoint that cannot be converted (unsafe, unmapped or missing keys)."""
+save_converted = saved.save
+load_converted = saved.load
+exists = saved.exists
 
 
 def read_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
   """A PyTorch state dict as float32/int numpy arrays."""
+  return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: epath.PathLike, want: Sequence[str] = (), holders: Sequence[str] = (),
+                    hint: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+  """(state dict, the run config saved in it or None) of a checkpoint or a bare state dict.
+
+  Args:
+    path: A ``.safetensors`` file, or a file ``torch.load(weights_only=True)`` reads.
+    want: Entries of a training checkpoint that hold the state dict, in order of preference (e.g. ``("ema",)``).
+    holders: The entries that make a file a training checkpoint (e.g. ``("ema", "model")``): if it has one of
+      them, one of ``want`` must be there. A file without any is searched for a state dict as a bare one.
+    hint: Appended to the message when ``want`` is absent (e.g. which flag takes the other weights).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConversionError: the file holds code, or no state dict of tensors, or not the asked one.
+  """
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist.")
   if path.name.endswith(".safetensors"):
-    return read_safetensors(path)
+    return read_safetensors(path), None
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     raise ConversionError(f"reading {path} needs PyTorch (pip install torch==2.13.0), or give a .safetensors file."
                           ) from None
   try:
-    with path.open("rb") as f:
-      obj = torch.load(f, map_location="cpu", weights_only=True)
+    obj = _torch_load(path)
   except Exception as e:  # pylint: disable=broad-except
     raise ConversionError(f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) refused it: "
                           f"{str(e).splitlines()[0][:300]}). Only state dicts of tensors are accepted.") from None
-  return _flatten_tensors(obj, str(path))
+  if not isinstance(obj, dict):
+    return _flatten_tensors(obj, str(path)), None
+  config = obj.get("config") if isinstance(obj.get("config"), dict) else None
+  chosen = next((k for k in want if isinstance(obj.get(k), dict)), None)
+  if chosen is None and any(k in obj for k in holders):
+    raise ConversionError(f"{path} has no {want[0]!r} state dict; its entries are {sorted(obj)}{hint}.")
+  return _flatten_tensors(obj if chosen is None else obj[chosen], str(path)), config
 
 
 def read_safetensors(path: epath.PathLike) -> dict[str, np.ndarray]:
@@ -56,6 +81,21 @@ def read_safetensors(path: epath.PathLike) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in load_torch(data).items()}
 
 
+def _torch_load(path: epath.Path) -> Any:
+  """``torch.load(weights_only=True)`` of a local file (memory-mapped) or a file in a bucket (read as a stream)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if not paths.is_remote(path):
+    # mmap: only the weights asked for are read (a training checkpoint also holds other weights and the optimizer
+    # state); files in torch's legacy (non-zip) format cannot be mapped and are read whole.
+    try:
+      return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+      if "mmap" not in str(e):
+        raise
+  with path.open("rb") as f:
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def _flatten_tensors(obj: Any, path: str) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top
   if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -67,109 +107,57 @@ def _flatten_tensors(obj: Any, path: str) -> dict[str, np.ndarray]:
                         f"{list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__}).")
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}/{k}" if prefix else k
-    if isinstance(v, dict):
-      out.update(flatten(v, name))
-    else:
-      out[name] = np.ascontiguousarray(np.asarray(v))
-  return out
+# ------------------------------------------------------------------ the official runs' configs
+
+DINOV2_WIDTHS = {"s": 384, "b": 768, "l": 1024, "g": 1536}  # REPA's dinov2-vit-{s,b,l,g}
 
 
-def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+def read_training_checkpoint(checkpoint: epath.PathLike, config: epath.PathLike | None, use_ema: bool,
+                             config_name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(state dict, run config) of an official generator checkpoint (``model``, ``ema``, ``opt``, ``config``).
 
-
-def save_converted(out_dir: epath.PathLike, params: dict[str, Any], config: dict[str, Any]) -> None:
-  """Writes ``params.safetensors`` and ``config.json`` into ``out_dir`` (each file atomically)."""
-  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-  out_dir = epath.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  paths.write_bytes(out_dir / "params.safetensors", save(flatten(params)))
-  paths.write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
-
-
-def exists(path: epath.PathLike) -> bool:
-  """Whether ``path`` holds converted weights (``params.safetensors``)."""
-  return (epath.Path(path) / "params.safetensors").exists()
-
-
-WHERE = {
-    "dinov2": "a Hugging Face facebook/dinov2-{small,base,large,giant} model.safetensors, or torch hub's "
-              "dinov2_vit{s,b,l,g}14_pretrain.pth from the facebookresearch/dinov2 release",
-    "inception": "pt_inception-2015-12-05-6726825d.pth from the pytorch-fid GitHub releases (mseitzer/pytorch-fid)",
-    "vgg16": "torchvision's vgg16-397923af.pth (ImageNet weights), optionally with the LPIPS heads vgg.pth "
-             "of taming-transformers",
-}
-
-
-def load_converted(path: epath.PathLike, expect_kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(params, config) from a directory written by ``python -m ifsq_jax.convert``."""
-  root = epath.Path(path)
-  cfg_path, par_path = root / "config.json", root / "params.safetensors"
-  if not (cfg_path.exists() and par_path.exists()):
-    raise FileNotFoundError(
-        f"{path} holds no converted {expect_kind} weights (config.json + params.safetensors). They are converted "
-        f"from {WHERE.get(expect_kind, 'the original PyTorch checkpoint')}: "
-        f"python -m ifsq_jax.convert {expect_kind} --checkpoint FILE --out {path}")
-  config = json.loads(cfg_path.read_text())
-  if config.get("kind") != expect_kind:
-    raise ConversionError(f"{path} holds {config.get('kind')!r} weights, not {expect_kind!r}.")
-  from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
-  return unflatten(dict(load(par_path.read_bytes()))), config
-
-
-@dataclasses.dataclass
-class Dropped:
-  """What a partial conversion (``--allow_partial``) left out.
-
-  Attributes:
-    unmapped: Checkpoint entries that were not converted (dropped).
-    left_at_init: Model parameters the checkpoint did not provide (they keep their initial values).
+  Args:
+    checkpoint: The checkpoint, or a bare state dict.
+    config: The run's YAML; None: the ``config`` saved in the checkpoint.
+    use_ema: Take ``ema`` (else ``model``).
+    config_name: The YAML's file name in the official runs, for the message (``run.yaml``, ``config.yaml``).
   """
+  sd, run = read_checkpoint(checkpoint, want=("ema" if use_ema else "model",), holders=("ema", "model"),
+                            hint=" (pass --no_ema to convert 'model')" if use_ema else "")
+  if config:
+    run = read_yaml(config)
+  if not isinstance(run, dict) or not run:
+    where = f"{config} is not a run config (a YAML mapping)" if config else f"{checkpoint} holds no run config"
+    raise ConversionError(f"{where}; pass --config {config_name.split('.')[0].upper()}_YAML (the run's "
+                          f"{config_name}).")
+  return sd, run
 
-  unmapped: list[str] = dataclasses.field(default_factory=list)
-  left_at_init: list[str] = dataclasses.field(default_factory=list)
 
-  def __bool__(self) -> bool:
-    return bool(self.unmapped or self.left_at_init)
+def read_yaml(path: epath.PathLike) -> Any:
+  """A run's YAML config."""
+  try:
+    import yaml  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConversionError("reading --config needs PyYAML (pip install pyyaml); without --config the "
+                          "run config saved in the checkpoint is used.") from None
+  try:
+    return yaml.safe_load(epath.Path(path).read_text())
+  except yaml.YAMLError as e:
+    raise ConversionError(f"{path} is not a YAML run config: {str(e)[:300]}") from None
 
-  def summary(self) -> str:
-    return (f"partial: {len(self.unmapped)} checkpoint entries dropped, {len(self.left_at_init)} parameters left at "
-            "their initial values")
 
+def repa_fields(run: dict[str, Any]) -> dict[str, int]:
+  """``repa.{use_repa, enc_type, encoder_depth}`` of a run config -> the ``encoder_depth`` and ``z_dim`` fields.
 
-def check_all_used(state_dict: dict[str, np.ndarray], used: set[str], ignore: tuple[str, ...] = (),
-                   allow_partial: bool = False, dropped: Dropped | None = None) -> list[str]:
-  """Names of state-dict entries that were not mapped; a ConversionError unless ``allow_partial``.
-
-  With ``allow_partial`` they are logged as a warning, one per line, and added to ``dropped``.
+  ``z_dim`` is the width of the DINOv2 encoder (``dinov2-vit-{s,b,l,g}``), 0 without REPA.
   """
-  unmapped = sorted(k for k in state_dict if k not in used and not any(k.startswith(p) for p in ignore))
-  if unmapped and not allow_partial:
-    raise ConversionError(f"{len(unmapped)} checkpoint entries are not mapped: {unmapped[:10]}"
-                          f"{' ...' if len(unmapped) > 10 else ''} (pass --allow_partial to convert anyway).")
-  report_dropped(unmapped=unmapped, dropped=dropped)
-  return unmapped
-
-
-def report_dropped(unmapped: list[str] = (), left_at_init: list[str] = (), dropped: Dropped | None = None) -> None:
-  """Logs what a partial conversion leaves out (every name), and adds it to ``dropped``."""
-  if unmapped:
-    logging.warning("--allow_partial: %d checkpoint entries are not mapped and were dropped:\n%s", len(unmapped),
-                    "\n".join(f"  {k}" for k in unmapped))
-  if left_at_init:
-    logging.warning("--allow_partial: %d model parameters are not in the checkpoint and keep their initial "
-                    "values:\n%s", len(left_at_init), "\n".join(f"  {k}" for k in left_at_init))
-  if dropped is not None:
-    dropped.unmapped.extend(unmapped)
-    dropped.left_at_init.extend(left_at_init)
+  repa = run.get("repa") or {}
+  z_dim, encoder_depth = 0, repa.get("encoder_depth", 8)  # 8: the official train.py's default
+  if repa.get("use_repa", False):
+    enc_type = str(repa.get("enc_type", ""))
+    enc = re.fullmatch(r"dinov2-vit-([sblg])", enc_type)
+    if not enc:
+      raise ConversionError(f"repa.enc_type={enc_type!r} is not supported; use one DINOv2 encoder, "
+                            "dinov2-vit-{s,b,l,g}.")
+    z_dim = DINOV2_WIDTHS[enc.group(1)]
+  return {"encoder_depth": encoder_depth, "z_dim": z_dim}

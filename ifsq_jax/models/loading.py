@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from etils import epath
 
-from ifsq_jax.convert import dit as dit_convert
-from ifsq_jax.convert import llamagen as llamagen_convert
+from ifsq_jax.models import saved
 from ifsq_jax.models.dit import DiT
 from ifsq_jax.models.llamagen import LlamaGen
 
-# task (work dirs) or kind (converted dirs) -> (module class, converter module).
-MODELS = {"dit": (DiT, dit_convert), "llamagen": (LlamaGen, llamagen_convert)}
+# task (work dirs) or kind (converted dirs) -> (module class, reader of a converted directory: (fields, params)).
+MODELS: dict[str, tuple[type[DiT] | type[LlamaGen], Callable[[str], tuple[dict[str, Any], dict[str, Any]]]]] = {
+    "dit": (DiT, saved.load_dit), "llamagen": (LlamaGen, saved.load_llamagen)}
 
 
 def _module(cls: type[DiT] | type[LlamaGen], fields: dict[str, Any], dtype: Any, where: str) -> DiT | LlamaGen:
@@ -44,16 +45,29 @@ def _module(cls: type[DiT] | type[LlamaGen], fields: dict[str, Any], dtype: Any,
   return cls(**fields, dtype=dtype)
 
 
-def _converted_kind(root: epath.Path) -> str:
-  """The ``kind`` of a converted directory; DiT's loader reports a missing or foreign one."""
-  config = root / "config.json"
-  kind = json.loads(config.read_text()).get("kind") if config.exists() else None
-  return kind if kind in MODELS else "dit"
+def _converted_kind(path: str) -> str:
+  """The ``kind`` of a converted generator directory.
+
+  Raises:
+    FileNotFoundError: it has no ``config.json`` to name its kind.
+    ValueError: the directory holds another kind, naming it and the valid ones.
+  """
+  kind = saved.kind(path)
+  if kind is None:
+    raise FileNotFoundError(f"{path} holds {saved.PARAMS} but no {saved.CONFIG} naming its kind; convert it again "
+                            "with python -m ifsq_jax.convert dit or llamagen.")
+  if kind not in MODELS:
+    raise ValueError(f"{path} holds converted weights of kind={kind!r}; load_model opens the kinds "
+                     f"{sorted(MODELS)} (python -m ifsq_jax.convert dit or llamagen).")
+  return kind
 
 
 def is_converted(path: str) -> bool:
-  """Whether ``path`` is a directory written by ``python -m ifsq_jax.convert dit`` or ``llamagen``."""
-  return dit_convert.exists(path)
+  """Whether ``path`` is a directory written by ``python -m ifsq_jax.convert dit`` or ``llamagen``.
+
+  Each kind's own test: its weights file and a ``config.json`` naming that kind.
+  """
+  return saved.exists(path) and saved.kind(path) in MODELS
 
 
 def load_model(path: str, ema: bool = True, dtype: Any = jnp.float32) -> tuple[DiT | LlamaGen, dict[str, Any]]:
@@ -71,12 +85,13 @@ def load_model(path: str, ema: bool = True, dtype: Any = jnp.float32) -> tuple[D
 
   Raises:
     FileNotFoundError: ``path`` holds neither a converted generator nor a work dir.
-    ValueError: a work dir of another task, or a model config with fields the model lacks.
+    ValueError: a work dir of another task, a converted directory of another kind, or a model config with fields
+      the model lacks.
   """
   root = epath.Path(path)
-  if dit_convert.exists(str(root)):
-    cls, convert = MODELS[_converted_kind(root)]
-    fields, params = convert.load(str(root))
+  if saved.exists(str(root)):
+    cls, read = MODELS[_converted_kind(str(root))]
+    fields, params = read(str(root))
     return _module(cls, fields, dtype, str(root)), params
   workdir = next((d for d in (root, root.parent, root.parent.parent) if (d / "config.json").exists()), None)
   if workdir is None:

@@ -14,7 +14,7 @@ import ml_collections
 from etils import epath
 
 from ifsq_jax import config_lib, shapes_only
-from ifsq_jax.convert import tokenizer as tokenizer_convert
+from ifsq_jax.models import saved
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 
 
@@ -72,8 +72,8 @@ def load_tokenizer(path: str, dtype: Any = jnp.float32, ema: bool = True) -> Loa
     x = jnp.zeros((1, config.resolution, config.resolution, 3), jnp.float32)
     return LoadedTokenizer(config, {"params": shapes_only.init_shapes(Tokenizer(config).init, x)["params"]}, dtype)
   root = epath.Path(path)
-  if tokenizer_convert.exists(str(root)):
-    config, variables = tokenizer_convert.load(str(root))
+  if saved.exists(str(root)):
+    config, variables = saved.load_tokenizer(str(root))
     return LoadedTokenizer(config, variables, dtype)
   workdir = next((d for d in (root, root.parent, root.parent.parent) if (d / "config.json").exists()), None)
   if workdir is None:
@@ -108,12 +108,12 @@ def _architecture(path: str) -> TokenizerConfig:
   if workdir is None:
     raise FileNotFoundError(f"{path} is neither a tokenizer config file, work dir (config.json + checkpoints/), a "
                             "checkpoint of one, nor a converted directory (python -m ifsq_jax.convert tokenizer).")
-  saved = json.loads((workdir / "config.json").read_text())
-  if saved.get("kind") == "tokenizer":  # a converted directory
-    return tokenizer_convert.cfg_from_json(saved["model"])
-  if saved.get("task") != "tokenizer":
-    raise ValueError(f"{workdir} holds a {saved.get('task') or saved.get('kind')!r} run, not a tokenizer.")
-  return model_config(ml_collections.ConfigDict(saved))
+  written = json.loads((workdir / "config.json").read_text())
+  if written.get("kind") == "tokenizer":  # a converted directory
+    return saved.tokenizer_from_json(written["model"])
+  if written.get("task") != "tokenizer":
+    raise ValueError(f"{workdir} holds a {written.get('task') or written.get('kind')!r} run, not a tokenizer.")
+  return model_config(ml_collections.ConfigDict(written))
 
 
 def model_config(config: ml_collections.ConfigDict) -> TokenizerConfig:
