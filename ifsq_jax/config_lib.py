@@ -22,7 +22,7 @@ import ml_collections
 
 from ifsq_jax import parallel
 
-DATASETS = ("embedded", "image_folder", "tfds")
+DATASETS = ("embedded", "image_folder", "idx", "tfds")
 SCHEDULES = ("constant", "warmup_cosine")
 DECAY_MASKS = ("all", "matrices")
 PLATFORMS = ("", "cpu", "gpu", "tpu")  # config.mesh.platform; "": whatever devices JAX has
@@ -185,7 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
 def add_image_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds the fields of tasks that read images (``config.data.*``); returns ``c``."""
   d = c.data
-  d.name = "embedded"  # "embedded" | "image_folder" | "tfds"
+  d.name = "embedded"  # "embedded" | "image_folder" | "idx" (MNIST/Fashion-MNIST files) | "tfds"
   d.tfds_name = "imagenet2012"
   d.path = ""  # image folder root (one subfolder per class)
   d.data_dir = ""  # tfds data_dir
@@ -207,6 +207,8 @@ def validate_image_data(config: ml_collections.ConfigDict) -> None:
            f"config.data.transform={d.transform!r} must be one of {tuple(transforms.TRANSFORMS)}.")
   _require(d.name != "image_folder" or bool(d.path),
            "config.data.path must name the image folder root when config.data.name='image_folder'.")
+  _require(d.name != "idx" or bool(d.path),
+           "config.data.path must name the directory of the IDX files when config.data.name='idx'.")
   if d.name == "tfds":
     _check_tfds(d)
 

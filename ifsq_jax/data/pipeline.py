@@ -367,7 +367,10 @@ def build_source(data: ml_collections.ConfigDict, split: str) -> sources.Source:
     return sources.ImageFolderSource(data.path, split)
   if data.name == "tfds":
     return sources.TfdsSource(data.tfds_name, split, data.data_dir, data.manual_dir)
-  raise sources.DataError(f"config.data.name={data.name!r} is not a known dataset; use embedded, image_folder or tfds.")
+  if data.name == "idx":
+    return sources.IdxSource(data.path, split)
+  raise sources.DataError(f"config.data.name={data.name!r} is not a known dataset; use embedded, image_folder, idx "
+                          "or tfds.")
 
 
 def build_pipeline(config: ml_collections.ConfigDict, split: str, train: bool, process_index: int = 0,

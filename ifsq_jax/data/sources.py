@@ -11,6 +11,10 @@ can decode a JPEG at a reduced scale (:mod:`ifsq_jax.data.transforms`).
   splits share no pixels.
 * :class:`ImageFolderSource`: ``root/<class>/<image>`` (or
   ``root/<split>/<class>/<image>`` when such split folders exist).
+* :class:`IdxSource`: the four IDX files of MNIST or Fashion-MNIST
+  (``train-images-idx3-ubyte.gz`` etc., gzipped or not) in one directory;
+  ``train`` reads the training files, ``validation``/``test`` the ``t10k`` ones.
+  The 28 x 28 grey images are padded to 32 x 32 with black and repeated to RGB.
 * :class:`TfdsSource`: any tensorflow-datasets image dataset prepared in the
   ``array_record`` format (random access), e.g. ``imagenet2012`` from a
   ``data_dir`` or built from the tar files in a ``manual_dir`` (by process 0;
@@ -22,6 +26,7 @@ An undecodable file raises :class:`DecodeError`; the pipeline skips it.
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import os
 from typing import Any, Protocol
@@ -109,6 +114,81 @@ class EmbeddedSource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     return self.images[index], int(self.labels[index])
+
+  open = __getitem__
+
+
+# ------------------------------------------------------------------ IDX (MNIST, Fashion-MNIST)
+
+IDX_PREFIXES = {"train": "train", "validation": "t10k", "test": "t10k"}
+_IDX_PAD = 2  # 28 + 2 * 2 = 32: a size the tokenizers' downsampling divides
+
+
+def read_idx(path: epath.PathLike) -> np.ndarray:
+  """One IDX file (gzipped when its name ends in .gz) as an array of its dtype and shape."""
+  path = epath.Path(path)
+  raw = path.read_bytes()
+  if path.name.endswith(".gz"):
+    raw = gzip.decompress(raw)
+  dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in dtypes:
+    raise DataError(f"{path} is not an IDX file (its first bytes are {raw[:4]!r}, expected 00 00 <type> <ndim>).")
+  ndim = raw[3]
+  shape = tuple(int(n) for n in np.frombuffer(raw, ">u4", ndim, 4))
+  dtype = np.dtype(dtypes[raw[2]])
+  if len(raw) != 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize:
+    raise DataError(f"{path} holds {len(raw) - 4 - 4 * ndim} bytes of data; its header {shape} {dtype} says "
+                    f"{int(np.prod(shape)) * dtype.itemsize}.")
+  return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _idx_file(root: epath.Path, name: str) -> epath.Path:
+  for candidate in (root / f"{name}.gz", root / name):
+    if candidate.exists():
+      return candidate
+  raise DataError(f"{root} has no {name}.gz (or {name}); config.data.name='idx' reads the four IDX files of MNIST or "
+                  "Fashion-MNIST from config.data.path (Debian/Ubuntu: apt-get install dataset-fashion-mnist puts "
+                  "them in /usr/share/datasets/fashion-mnist).")
+
+
+@functools.lru_cache(maxsize=4)
+def idx_split(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images (N, 32, 32) uint8 padded with black, labels (N,) int32) of one split of an IDX directory."""
+  if split not in IDX_PREFIXES:
+    raise DataError(f"IDX split {split!r} is not valid; use one of {sorted(IDX_PREFIXES)}.")
+  folder = epath.Path(root)
+  if not folder.is_dir():
+    raise DataError(f"config.data.path={root!r} is not a directory (config.data.name='idx' reads IDX files there).")
+  prefix = IDX_PREFIXES[split]
+  images = read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))
+  labels = read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"))
+  if images.ndim != 3 or images.dtype != np.uint8 or labels.shape != images.shape[:1]:
+    raise DataError(f"{root} ({split}): images {images.shape} {images.dtype} and labels {labels.shape} do not make "
+                    "a dataset (expected uint8 (N, H, W) images and N labels).")
+  padded = np.pad(images, ((0, 0), (_IDX_PAD, _IDX_PAD), (_IDX_PAD, _IDX_PAD)))
+  return padded, labels.astype(np.int32)
+
+
+class IdxSource:
+  """MNIST-style IDX files: 32 x 32 RGB (grey repeated) uint8 images and their labels."""
+
+  def __init__(self, root: str, split: str = "train"):
+    self.root, self.split = str(root), split
+    self.name = f"idx:{self.root}:{split}"
+    images, labels = idx_split(self.root, split)
+    self.num_classes = int(labels.max()) + 1 if len(labels) else 0
+    self._len = len(labels)
+
+  def __getstate__(self):  # worker processes read the files again rather than receive the arrays
+    return {"root": self.root, "split": self.split, "name": self.name, "num_classes": self.num_classes,
+            "_len": self._len}
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    images, labels = idx_split(self.root, self.split)
+    return _rgb(images[index]), int(labels[index])
 
   open = __getitem__
 

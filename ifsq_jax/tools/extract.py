@@ -1,7 +1,7 @@
 r"""Encode a dataset (and its horizontal flips) with a trained tokenizer, for the DiT and AR trainers.
 
   python -m ifsq_jax.tools.extract --tokenizer TOKENIZER_DIR --out OUT_DIR \
-      [--data embedded|image_folder|tfds] [--path DIR] [--tfds_name imagenet2012 --data_dir DIR] \
+      [--data embedded|image_folder|idx|tfds] [--path DIR] [--tfds_name imagenet2012 --data_dir DIR] \
       [--split train] [--image_size 256] [--shard_size 1024] [--batch 64] [--no_flip]
 
   python -m ifsq_jax.tools.extract --convert OUT_DIR   # shards of an older extraction (.npz)
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--convert", metavar="DIR", default="",
                       help="convert the .npz shards of an older extraction in DIR to .npy shards, in place, and exit")
   parser.add_argument("--data", default="embedded", choices=config_lib.DATASETS)
-  parser.add_argument("--path", default="", help="image folder root (--data image_folder)")
+  parser.add_argument("--path", default="", help="image folder root (--data image_folder) or IDX directory (--data idx)")
   parser.add_argument("--tfds_name", default="imagenet2012")
   parser.add_argument("--data_dir", default="")
   parser.add_argument("--manual_dir", default="")
