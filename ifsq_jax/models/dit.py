@@ -252,52 +252,30 @@ class FinalLayer(nn.Module):
 
 # ------------------------------------------------------------------ the model
 
-class DiT(nn.Module):
+class DiT(transformer.Generator):
   """The DiT velocity model (see the module docstring).
 
   Attributes:
     input_size: Latent height = width.
     patch_size: Patch side p (1, 2 or 4 in the reference's sizes); divides input_size.
     in_channels: Latent channels C (output channels too: no learned sigma).
-    hidden_size: Width D.
-    depth: Blocks.
-    num_heads: Attention heads K.
     mlp_ratio: MLP hidden width / D.
-    num_classes: Labels 0..num_classes-1; ``num_classes`` itself is the null class.
-    class_dropout_prob: Probability of replacing a label by the null class with ``train=True``.
     use_qknorm, use_swiglu, use_rope, use_rmsnorm: The LightningDiT options.
-    encoder_depth: The REPA projector reads the stream after this block (from 1; 0 = the embedded input).
-    projector_dim: REPA projector hidden width.
-    z_dim: REPA target width Z; 0 = no projector.
-    dtype: Compute dtype (bfloat16 on accelerators); params are float32.
-    attention_impl: "xla" or "cudnn" (cuDNN flash attention: GPU, bfloat16 or float16 compute).
-    remat_policy: One of REMAT_POLICIES: "none", "full" (recompute each block), "dots" (save matmul outputs), ...
-    scan_layers: Blocks under ``nn.scan`` with params stacked on a leading layer axis.
+    ...: The fields of :class:`ifsq_jax.models.transformer.Generator` (width, depth, heads,
+      labels, REPA projector, dtype, attention, remat, scan).
   """
 
   input_size: int = 16
   patch_size: int = 1
   in_channels: int = 4
-  hidden_size: int = 1024
-  depth: int = 24
-  num_heads: int = 16
   mlp_ratio: float = 4.0
-  num_classes: int = 1000
-  class_dropout_prob: float = 0.1
   use_qknorm: bool = True
   use_swiglu: bool = True
   use_rope: bool = True
   use_rmsnorm: bool = True
-  encoder_depth: int = 8
-  projector_dim: int = 2048
-  z_dim: int = 768
-  dtype: Any = jnp.float32
-  attention_impl: str = "xla"
-  remat_policy: str = "none"
-  scan_layers: bool = True
 
   def _check(self) -> None:
-    transformer.check_fields(self, probs=("class_dropout_prob",))
+    self._check_shared()
     if self.patch_size < 1 or self.input_size % self.patch_size:
       raise ValueError(f"patch_size={self.patch_size} must divide input_size={self.input_size}.")
 
@@ -349,7 +327,7 @@ class DiT(nn.Module):
     h = self.x_embedder(x).astype(jnp.float32) + jax.lax.stop_gradient(self.pos_embed)  # (B, N, D) float32
     h = constrain(h, (BATCH, None, EMBED))
     c = self._conditioning(t, y, train)
-    repa = transformer.wants_repa(self, return_repa)
+    repa = self._wants_repa(return_repa)
     rope = None
     if self.use_rope:
       angles = jnp.asarray(_rope_angles(self.hidden_size // self.num_heads, self.grid))

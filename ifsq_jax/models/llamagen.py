@@ -185,49 +185,28 @@ class TransformerBlock(nn.Module):
 
 # ------------------------------------------------------------------ the model
 
-class LlamaGen(nn.Module):
+class LlamaGen(transformer.Generator):
   """The LlamaGen generator (see the module docstring).
 
   Attributes:
     vocab_sizes: One vocabulary size (single tokens), or one per sub-token group (factorized).
     grid_size: Token grid side; N = grid_size ** 2 tokens (16 for 256 px and a 16x downsampling tokenizer).
-    hidden_size: Width D.
-    depth: Transformer layers.
-    num_heads: Attention heads K.
     factorized_depth: Blocks of the sub-token transformer (factorized models only).
-    num_classes: Labels 0..num_classes-1; ``num_classes`` itself is the null class.
-    class_dropout_prob: Probability of replacing a label by the null class with ``train=True``.
     token_dropout_prob: Dropout on the input embeddings (class included) with ``train=True``.
     dropout_prob: Dropout on the attention and FFN outputs with ``train=True``.
-    encoder_depth: The REPA projector reads the stream after this layer (from 1; 0 = the embeddings).
-    projector_dim: REPA projector hidden width.
-    z_dim: REPA target width Z; 0 = no projector.
-    dtype: Compute dtype (bfloat16 on accelerators); params are float32.
-    attention_impl: "xla" or "cudnn" (cuDNN flash attention for teacher forcing: GPU, bf16/fp16 compute).
-    remat_policy: One of REMAT_POLICIES: "none", "full" (recompute each block), "dots" (save matmul outputs), ...
-    scan_layers: Layers under ``nn.scan`` with params stacked on a leading layer axis.
+    ...: The fields of :class:`ifsq_jax.models.transformer.Generator` (width, depth (layers), heads,
+      labels, REPA projector (0 = the embeddings), dtype, attention (cuDNN for teacher forcing only), remat,
+      scan).
   """
 
   vocab_sizes: Sequence[int] = (83521,)
   grid_size: int = 16
-  hidden_size: int = 1024
-  depth: int = 24
-  num_heads: int = 16
   factorized_depth: int = 2
-  num_classes: int = 1000
-  class_dropout_prob: float = 0.1
   token_dropout_prob: float = 0.1
   dropout_prob: float = 0.1
-  encoder_depth: int = 8
-  projector_dim: int = 2048
-  z_dim: int = 768
-  dtype: Any = jnp.float32
-  attention_impl: str = "xla"
-  remat_policy: str = "none"
-  scan_layers: bool = True
 
   def _check(self) -> None:
-    transformer.check_fields(self, probs=("class_dropout_prob", "token_dropout_prob", "dropout_prob"))
+    self._check_shared(("token_dropout_prob", "dropout_prob"))
     if not self.vocab_sizes or len(self.vocab_sizes) > MAX_GROUPS or min(self.vocab_sizes) < 1:
       raise ValueError(f"vocab_sizes={tuple(self.vocab_sizes)} must hold 1 to {MAX_GROUPS} positive sizes (one per "
                        "sub-token group).")
@@ -332,7 +311,7 @@ class LlamaGen(nn.Module):
     h = jnp.concatenate([cls, self._embed_tokens(tokens[:, :-1])], axis=1)  # (B, N, D) float32
     h = constrain(self.token_dropout(h, deterministic=not train), (BATCH, None, EMBED))
     self.sow("intermediates", "embeddings", h)
-    repa = transformer.wants_repa(self, return_repa)
+    repa = self._wants_repa(return_repa)
     h, tap = transformer.run_stack(self.layers, self.depth, h, self._rope()[:n], train, None,
                                    tap_layer=self.encoder_depth if repa else None)
     logits = self._subtoken_logits(h, tokens, train=train) if self.factorized else self._heads(h)[0]

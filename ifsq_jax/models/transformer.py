@@ -66,42 +66,66 @@ def remat_policy(name: str) -> Any:
   return getattr(jax.checkpoint_policies, name)
 
 
-def check_fields(module: nn.Module, probs: Sequence[str] = ()) -> None:
-  """Raises ValueError naming the first invalid field of a generator.
+# ------------------------------------------------------------------ the generators' shared fields
 
-  Args:
-    module: A model with the fields ``attention_impl``, ``remat_policy``,
-      ``hidden_size``, ``num_heads``, ``depth``, ``encoder_depth`` and ``z_dim``.
-    probs: Names of further fields that are probabilities in [0, 1) (dropout rates).
+class Generator(nn.Module):
+  """The fields and checks of a class-conditional transformer generator; DiT and LlamaGen add their own.
+
+  Attributes:
+    hidden_size: Width D.
+    depth: Blocks of the trunk.
+    num_heads: Attention heads K.
+    num_classes: Labels 0..num_classes-1; ``num_classes`` itself is the null class.
+    class_dropout_prob: Probability of replacing a label by the null class with ``train=True``.
+    encoder_depth: The REPA projector reads the stream after this block (from 1; 0 = the embedded input).
+    projector_dim: REPA projector hidden width P.
+    z_dim: REPA target width Z; 0 = no projector.
+    dtype: Compute dtype (bfloat16 on accelerators); params are float32.
+    attention_impl: "xla" or "cudnn" (cuDNN flash attention: GPU, bfloat16 or float16 compute).
+    remat_policy: One of REMAT_POLICIES: "none", "full" (recompute each block), "dots" (save matmul outputs), ...
+    scan_layers: Blocks under ``nn.scan`` with params stacked on a leading layer axis.
   """
-  if module.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={module.attention_impl!r} is not valid; use one of {tuple(ATTENTION_IMPLS)}.")
-  if module.remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy={module.remat_policy!r} is not valid; use one of {REMAT_POLICIES}.")
-  if module.hidden_size % module.num_heads:
-    raise ValueError(f"hidden_size={module.hidden_size} is not divisible by num_heads={module.num_heads}.")
-  if module.z_dim < 0 or (module.z_dim and not 0 <= module.encoder_depth <= module.depth):
-    raise ValueError(f"encoder_depth={module.encoder_depth} must be in [0, depth={module.depth}] and "
-                     f"z_dim={module.z_dim} >= 0 (0: no REPA projector).")
-  for name in probs:
-    if not 0 <= getattr(module, name) < 1:
-      raise ValueError(f"{name}={getattr(module, name)} must be in [0, 1).")
+
+  hidden_size: int = 1024
+  depth: int = 24
+  num_heads: int = 16
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1
+  encoder_depth: int = 8
+  projector_dim: int = 2048
+  z_dim: int = 768
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
+  scan_layers: bool = True
+
+  def _check_shared(self, probs: Sequence[str] = ()) -> None:
+    """Raises ValueError naming the first invalid shared field, or field of ``probs`` (rates in [0, 1))."""
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is not valid; use one of {tuple(ATTENTION_IMPLS)}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r} is not valid; use one of {REMAT_POLICIES}.")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}.")
+    if self.z_dim < 0 or (self.z_dim and not 0 <= self.encoder_depth <= self.depth):
+      raise ValueError(f"encoder_depth={self.encoder_depth} must be in [0, depth={self.depth}] and z_dim={self.z_dim}"
+                       " >= 0 (0: no REPA projector).")
+    for name in ("class_dropout_prob", *probs):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
+
+  def _wants_repa(self, return_repa: bool) -> bool:
+    """Whether this forward pass taps the stream for the REPA projector: when asked, and at init (its params).
+
+    Raises:
+      ValueError: ``return_repa`` without a projector (``z_dim = 0``).
+    """
+    if return_repa and not self.z_dim:
+      raise ValueError(f"return_repa=True needs a REPA projector; this {type(self).__name__} has z_dim=0.")
+    return bool(self.z_dim) and (return_repa or self.is_initializing())
 
 
-def wants_repa(module: nn.Module, return_repa: bool) -> bool:
-  """Whether a forward pass of a model with a REPA projector (field ``z_dim``) taps the stream.
-
-  It does when asked, and at init, which creates the projector's params.
-
-  Raises:
-    ValueError: ``return_repa`` without a projector (``z_dim = 0``).
-  """
-  if return_repa and not module.z_dim:
-    raise ValueError(f"return_repa=True needs a REPA projector; this {type(module).__name__} has z_dim=0.")
-  return bool(module.z_dim) and (return_repa or module.is_initializing())
-
-
-def sized_config(module_class: type[nn.Module], sizes: Mapping[str, tuple[int, int, int]], size: str,
+def sized_config(module_class: type[Generator], sizes: Mapping[str, tuple[int, int, int]], size: str,
                  **overrides: Any) -> dict[str, Any]:
   """Keyword arguments for ``module_class(...)``: every field at its default, then ``sizes[size]``, then overrides.
 
@@ -109,7 +133,7 @@ def sized_config(module_class: type[nn.Module], sizes: Mapping[str, tuple[int, i
   override any field.
 
   Args:
-    module_class: A model class with the fields ``depth``, ``hidden_size`` and ``num_heads``.
+    module_class: A :class:`Generator` subclass.
     sizes: Name -> (depth, width, heads).
     size: A key of ``sizes``.
     **overrides: Field values.
