@@ -2,11 +2,12 @@
 
 Every ``--config.FIELD`` names a field of the config its command loads (``--config=configs/X.py[:variant]`` or a
 ``configs/X.py[:variant]`` argument of a launch script; with none in the command, one named elsewhere in its code
-block; with none there either, any config in ``configs/``). Every ``configs/X.py:VARIANT`` loads. Every flag of a
-``python -m ifsq_jax...`` command is one the module defines: argparse modules are asked in this process (their
-parser is caught at ``parse_args``), absl modules (``ifsq_jax.main``, ``tools.input_bench``) in a subprocess each,
-since they define the same absl flag names. Every relative link resolves, to a file and, with ``#anchor``, to a
-heading of it. Each test reports every unknown name with its file and line.
+block; with none there either, any config in ``configs/``), and every ``config.FIELD`` of the prose a field of some
+config. Every ``configs/X.py:VARIANT`` loads. Every flag of a ``python -m ifsq_jax...`` command is one the module
+defines, and so is a flag written alone in prose that names the module: argparse modules are asked in this process
+(their parser is caught at ``parse_args``), absl modules (``ifsq_jax.main``, ``tools.input_bench``) in a subprocess
+each, since they define the same absl flag names. Every relative link resolves, to a file and, with ``#anchor``, to
+a heading of it. Each test reports every unknown name with its file and line.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
-_PY_MODULE = re.compile(r"python3?\s+-m\s+(ifsq_jax(?:\.\w+)*)")
+_PY_MODULE = re.compile(r"python3?\s+-m\s+(ifsq_jax(?:\.\w+)+)")
 _FLAG = re.compile(r"(?<![\w./-])--([A-Za-z][\w-]*)((?:\.[\w<>*]+)+)?")
 _CONFIG_FILE = re.compile(r"^(?:--config=)?(configs/\w+\.py)(?::(\S*))?$")
 _CONFIG_VARIANT = re.compile(r"(?<![\w/])(configs/\w+\.py):([\w=.,-]+)")
 _LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+_PROSE_FIELD = re.compile(r"(?<![\w.<-])config\.([A-Za-z_]\w*(?:\.\w+)*)")
 _SEPARATORS = re.compile(r"&&|\|\||;|\|")
 
 
@@ -43,6 +45,8 @@ class Command:
   line: int
   text: str
   block: int | None  # index of the fenced code block, None for inline code
+  section: int = 0  # index of the heading it is under
+  paragraph: str = ""  # the prose paragraph (or list) of an inline code span
 
   def where(self) -> str:
     return f"{self.path.relative_to(REPO)}:{self.line}"
@@ -52,12 +56,16 @@ def _commands(path: pathlib.Path) -> list[Command]:
   """The shell commands of the fenced code blocks and the inline code spans of the prose."""
   lines = path.read_text().split("\n")
   out: list[Command] = []
-  block, fence, para, para_start = 0, None, [], 0
+  block, fence, para, para_start, section = 0, None, [], 0, 0
 
   def flush_paragraph():
     text = "\n".join(para)
+    items = [m.start() for m in re.finditer(r"^\s*(?:[*-]|\d+\.) ", text, re.M)]  # list items: their own context
     for m in re.finditer(r"(`+)(.+?)\1", text, re.S):
-      out.append(Command(path, para_start + text.count("\n", 0, m.start()) + 1, m.group(2), None))
+      start = max([i for i in items if i <= m.start()], default=0)
+      end = min([i for i in items if i > m.start()], default=len(text))
+      out.append(Command(path, para_start + text.count("\n", 0, m.start()) + 1, m.group(2), None, section,
+                         text[start:end]))
 
   logical, logical_start = "", 0
   for number, line in enumerate(lines, 1):
@@ -83,12 +91,13 @@ def _commands(path: pathlib.Path) -> list[Command]:
         segments[-1] += " " + comment  # flags in a trailing comment belong to the last command
         for segment in segments:
           if segment.strip():
-            out.append(Command(path, logical_start, segment, block))
+            out.append(Command(path, logical_start, segment, block, section))
         logical = ""
       continue
-    if not stripped:
+    if not stripped or re.match(r"#{1,6} ", line):
       flush_paragraph()
       para = []
+      section += bool(stripped)
     else:
       if not para:
         para_start = number - 1
@@ -129,7 +138,8 @@ def _has_field(config, field: str) -> bool:
 
 
 def test_config_fields_exist():
-  """Every ``--config.FIELD`` of the docs is a field of the config it is given to."""
+  """Every ``--config.FIELD`` of the docs is a field of the config it is given to; every ``config.FIELD`` of the
+  prose a field of some config."""
   all_configs = sorted(f"configs/{p.name}" for p in (REPO / "configs").glob("*.py"))
   problems, checked = [], 0
   for path in DOCS:
@@ -155,7 +165,15 @@ def test_config_fields_exist():
           continue
         if not found:
           problems.append(f"{c.where()}: --config.{field}: no such field in {' / '.join(names)}")
-  assert checked > 20, f"found only {checked} --config fields; is the parser broken?"
+      if c.block is None:  # prose: `config.loss.disc_start` is a field of some config too
+        for m in _PROSE_FIELD.finditer(c.text):
+          field = m.group(1)
+          if field.rsplit(".", 1)[-1] in ("json", "yaml", "py"):  # config.json, a file
+            continue
+          checked += 1
+          if not any(_has_field(_load_config(n), field) for n in all_configs):
+            problems.append(f"{c.where()}: config.{field}: no such field in {' / '.join(all_configs)}")
+  assert checked > 60, f"found only {checked} config fields; is the parser broken?"
   assert not problems, "Config fields named in the docs that the configs do not have:\n" + "\n".join(problems)
 
 
@@ -182,18 +200,23 @@ class _Parser(Exception):
     self.parser = parser
 
 
-def _argparse_flags(module_name: str) -> set[str] | None:
-  """The option names of an argparse module's ``main``, caught at ``parse_args``; None if it is not one."""
+def _main_module(module_name: str) -> str:
+  """The module ``python -m module_name`` runs: the module, or a package's ``__main__``."""
   spec = importlib.util.find_spec(module_name)
   if spec is None:
     raise ModuleNotFoundError(module_name)
-  if spec.submodule_search_locations is not None:  # a package: python -m runs its __main__
-    module_name += ".__main__"
-    spec = importlib.util.find_spec(module_name)
-  # Only argparse modules are imported here: an absl module defines flags in the process-wide registry.
-  if spec is None or "ArgumentParser(" not in pathlib.Path(spec.origin).read_text():
-    return None
-  module = importlib.import_module(module_name)
+  return module_name + ".__main__" if spec.submodule_search_locations is not None else module_name
+
+
+def _is_argparse_module(module_name: str) -> bool:
+  """Read, not imported: an absl module would define its flags in this process's registry."""
+  spec = importlib.util.find_spec(_main_module(module_name))
+  return "ArgumentParser(" in pathlib.Path(spec.origin).read_text()
+
+
+def _argparse_flags(module_name: str) -> set[str]:
+  """The option names of an argparse module's ``main``, caught at ``parse_args``."""
+  module = importlib.import_module(_main_module(module_name))
 
   def catch(self, *args, **kwargs):
     raise _Parser(self)
@@ -206,7 +229,7 @@ def _argparse_flags(module_name: str) -> set[str] | None:
     return {o[2:] for o in caught.parser._option_string_actions if o.startswith("--")}  # pylint: disable=protected-access
   finally:
     argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = saved
-  return None
+  raise AssertionError(f"{module_name}.main() did not parse its arguments")
 
 
 _ABSL_FLAGS = """
@@ -217,11 +240,14 @@ print(json.dumps(sorted(flags.FLAGS)))
 """
 
 
-def _absl_flags(module_names: list[str]) -> dict[str, set[str]]:
-  """The absl flags each module defines (with absl's own), one subprocess per module, run side by side."""
+def _start_absl_flags(module_names: list[str]) -> dict[str, subprocess.Popen]:
+  """Asks for the absl flags each module defines (with absl's own), one subprocess per module, side by side."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = {name: subprocess.Popen([sys.executable, "-c", _ABSL_FLAGS, name], cwd=REPO, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in module_names}
+  return {name: subprocess.Popen([sys.executable, "-c", _ABSL_FLAGS, name], cwd=REPO, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in module_names}
+
+
+def _absl_flags(procs: dict[str, subprocess.Popen]) -> dict[str, set[str]]:
   result = {}
   for name, proc in procs.items():
     stdout, stderr = proc.communicate(timeout=300)
@@ -230,34 +256,63 @@ def _absl_flags(module_names: list[str]) -> dict[str, set[str]]:
   return result
 
 
+def _module_mentions(text: str, modules: list[str]) -> set[str]:
+  """The command-line modules a prose paragraph names: ``ifsq_jax.tools.sample``, ``tools.sample``, ..."""
+  found = set()
+  for module in modules:
+    short = module[len("ifsq_jax."):] if module.startswith("ifsq_jax.tools.") else module
+    if re.search(rf"(?<![\w.])(?:ifsq_jax\.)?{re.escape(short)}(?![\w])", text.replace("\n", " ")) or \
+        re.search(rf"python3?\s+-m\s+{re.escape(module)}(?![\w.])", text):
+      found.add(module)
+  return found
+
+
 def test_module_flags_exist():
-  """Every flag of a ``python -m ifsq_jax...`` command in the docs is defined by that module."""
-  uses: list[tuple[Command, str, str]] = []  # (command, module, flag)
+  """Every flag of a ``python -m ifsq_jax...`` command in the docs is defined by that module.
+
+  A flag written on its own in the prose (`--png`) is checked too where its paragraph names a command-line module
+  (`tools.sample`) or its section shows ``python -m`` commands in a code block: it must be a flag of one of them.
+  XLA's flags (``--xla_...``) and flags of prose with no such module around (launch scripts, benchmarks) are not
+  checked.
+  """
+  uses: list[tuple[Command, tuple[str, ...], str]] = []  # (command, modules that may define it, flag)
+  prose: list[Command] = []
+  section_modules: dict[tuple[pathlib.Path, int], set[str]] = {}
   for path in DOCS:
     for c in _commands(path):
       m = _PY_MODULE.search(c.text)
       if not m:
+        if c.block is None and c.text.lstrip().startswith("--"):
+          prose.append(c)
         continue
+      if c.block is not None:
+        section_modules.setdefault((path, c.section), set()).add(m.group(1))
       for f in _FLAG.finditer(c.text, m.end()):
         flag = "config" if f.group(1) == "config" and f.group(2) else f.group(1)
-        uses.append((c, m.group(1), flag))
-  modules = sorted({module for _, module, _ in uses})
-  flags_of: dict[str, set[str]] = {}
-  absl_modules = []
-  for module in modules:
-    found = _argparse_flags(module)
-    if found is None:
-      absl_modules.append(module)
-    else:
-      flags_of[module] = found
-  flags_of.update(_absl_flags(absl_modules))
-  problems = []
-  for c, module, flag in uses:
-    known = flags_of[module]
-    if flag in known or (flag.startswith("no") and flag[2:] in known):
+        uses.append((c, (m.group(1),), flag))
+  modules = sorted({module for _, ms, _ in uses for module in ms})
+  prose_checked = 0
+  for c in prose:
+    context = _module_mentions(c.paragraph, modules) | section_modules.get((c.path, c.section), set())
+    if not context:
       continue
-    problems.append(f"{c.where()}: python -m {module} has no flag --{flag}")
+    for f in _FLAG.finditer(c.text):
+      if f.group(1).startswith("xla_") or (f.group(1) == "config" and f.group(2)):
+        continue
+      uses.append((c, tuple(sorted(context)), f.group(1)))
+      prose_checked += 1
+  argparse_modules = [module for module in modules if _is_argparse_module(module)]
+  absl = _start_absl_flags([module for module in modules if module not in argparse_modules])
+  flags_of = {module: _argparse_flags(module) for module in argparse_modules}
+  flags_of.update(_absl_flags(absl))
+  problems = []
+  for c, candidates, flag in uses:
+    known = set().union(*(flags_of[module] for module in candidates))
+    if flag in known or (flag.startswith("no") and flag[2:] in known and not set(candidates) & set(argparse_modules)):
+      continue
+    problems.append(f"{c.where()}: {' / '.join(f'python -m {m}' for m in candidates)} has no flag --{flag}")
   assert len(uses) > 30 and "ifsq_jax.main" in modules, f"found only {len(uses)} flags; is the parser broken?"
+  assert prose_checked > 10, f"checked only {prose_checked} flags in prose; is the parser broken?"
   assert not problems, "Flags named in the docs that the modules do not define:\n" + "\n".join(problems)
 
 
