@@ -107,16 +107,13 @@ def to_params(sd: dict[str, np.ndarray], fields: dict[str, Any], allow_partial: 
               dropped: engine.Dropped | None = None) -> dict[str, Any]:
   """State dict -> params of ``LlamaGen(**fields)`` (numpy, in the layout of ``fields["scan_layers"]``).
 
-  Args:
-    sd: The official state dict (a ``module.`` prefix is dropped).
-    fields: LlamaGen fields (``llamagen_config(...)`` style; missing ones take their defaults).
-    allow_partial: Drop entries that map nowhere and keep the initial value (init
-      with key 0) of params the checkpoint lacks, listing both in a warning.
-    dropped: Collects what a partial conversion left out.
+  ``fields`` missing take the defaults of :func:`llamagen_config`; a ``module.`` prefix of the keys is dropped.
+  With ``allow_partial``, entries that map nowhere are dropped and params the checkpoint lacks keep their initial
+  values (init with key 0), all listed in a warning and added to ``dropped``.
 
   Raises:
-    torch_io.ConversionError: an entry of another shape, or (without ``allow_partial``)
-      unmapped or missing entries.
+    torch_io.ConversionError: an entry of another shape, or (without ``allow_partial``) the report of unmapped
+      and missing entries.
   """
   fields = llamagen_config(**fields)
   sd = {k.removeprefix("module."): v for k, v in sd.items()}
