@@ -16,6 +16,9 @@ N samples, D feature width.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import numpy as np
 from etils import epath
 
@@ -99,16 +102,23 @@ def fd_vgg16(stats_a: "FeatureStats", stats_b: "FeatureStats") -> float:
 
 def vgg16_features(images: np.ndarray) -> np.ndarray:
   """(B, H, W, 3) images in [-1, 1] -> (B, 512) VGG16 pool features for :func:`fd_vgg16`."""
+  return np.asarray(vgg16_program()(vgg16_params(), images))
+
+
+@functools.lru_cache(maxsize=1)
+def vgg16_params() -> dict:
+  """The packaged VGG16 weights, on the default device once (not copied from the host at every call)."""
   import jax  # pylint: disable=g-import-not-at-top
   from ifsq_jax.nets import lpips  # pylint: disable=g-import-not-at-top
-  fn = _VGG_FN.get("fn")
-  if fn is None:
-    params = lpips.load_params("vgg16")
-    fn = _VGG_FN["fn"] = jax.jit(lambda x: lpips.vgg16_pool_features(params, x))
-  return np.asarray(fn(images))
+  return jax.device_put(lpips.load_params("vgg16"))
 
 
-_VGG_FN: dict = {}
+@functools.lru_cache(maxsize=1)
+def vgg16_program() -> Callable[[dict, np.ndarray], "jax.Array"]:
+  """``fn(params, images)``: the jitted VGG16 pool features, weights an argument (a closure makes them constants)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ifsq_jax.nets import lpips  # pylint: disable=g-import-not-at-top
+  return jax.jit(lambda params, images: lpips.vgg16_pool_features(params, images))
 
 
 def _npz(path: epath.PathLike) -> epath.Path:

@@ -7,7 +7,9 @@ whose numbers the paper reports. Its definitions, followed here in numpy:
   (``np.mean``, ``np.cov(rowvar=False)``); pool features for FID, the
   ``mixed_6/conv`` spatial features for sFID (see ``ifsq_jax.nets.inception``).
 * Inception Score: ``exp(mean_x KL(p(y|x) || p(y)))`` per split of 5000 samples,
-  averaged over the splits, ``p(y)`` the mean prediction of the split.
+  averaged over the splits, ``p(y)`` the mean prediction of the split (ADM's
+  last split is whatever remains; ours are near-equal, see
+  :func:`inception_score_split`).
 * Precision / recall (Kynkaanniemi et al. 2019, k = 3): a set's manifold is the
   union of balls around its features, each with the radius of the distance to
   its k-th nearest neighbour in the set (the feature itself is the 0th).
@@ -17,7 +19,8 @@ whose numbers the paper reports. Its definitions, followed here in numpy:
 Where we differ from ADM's numerics (on purpose, each said at the function):
 the matrix square root (ADM: ``scipy.linalg.sqrtm``, NaN or complex when the
 covariances are singular), the float dtype of the distances (ADM: float16 when
-finite) and float64 for the Inception Score.
+finite), float64 for the Inception Score and its splits when N is not a
+multiple of 5000.
 
 N samples, D feature width, K classes.
 """
@@ -85,19 +88,42 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   return max(float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean), 0.0)
 
 
-def inception_score(logits_or_probs: np.ndarray, split_size: int = IS_SPLIT) -> float:
+def inception_score_split(n: int) -> int:
+  """Split size of the Inception Score of n samples: ``n // 5000`` near-equal splits, at least one.
+
+  ADM scores consecutive splits of 5000 (ten for the paper's 50,000) and the
+  remainder as a last, shorter split; n a multiple of 5000, or at most 5000,
+  gives exactly ADM's splits here. Otherwise the splits are as equal as they
+  can be, so none is a short remainder (ADM's split of one sample scores 1
+  whatever the model, and pulls the mean down), and fewer than 10,000 samples
+  make one split of all n.
+
+  Raises:
+    ValueError: for n < 1.
+  """
+  if n < 1:
+    raise ValueError(f"n={n} samples; the Inception Score needs at least 1.")
+  splits = max(1, n // IS_SPLIT)
+  return -(-n // splits)
+
+
+def inception_score(logits_or_probs: np.ndarray, split_size: int | None = None) -> float:
   """ADM's Inception Score of (N, K) class logits or probabilities.
 
   Splits of ``split_size`` consecutive rows (the last may be shorter), each
   scored ``exp(mean_x sum_y p(y|x) (log p(y|x) - log p(y)))`` with ``p(y)`` the
-  split's mean prediction; the mean over splits. Rows that are non-negative and
-  sum to 1 (within 1e-3) are taken as probabilities, anything else as logits
-  (softmax). ADM feeds the softmax of the pool features times the ``fc`` weights
-  *without* the bias (the original improved-gan code does the same): pass
-  ``logits_unbiased`` of ``ifsq_jax.nets.inception`` to reproduce it.
+  split's mean prediction; the mean over splits. ``split_size=None`` (what
+  ``python -m ifsq_jax.tools.fid`` and the in-training evaluation use) takes
+  :func:`inception_score_split` of N: ADM's 5000 when N is a multiple of it,
+  else near-equal splits with no short remainder. Rows that are non-negative
+  and sum to 1 (within 1e-3) are taken as probabilities, anything else as
+  logits (softmax). ADM feeds the softmax of the pool features times the
+  ``fc`` weights *without* the bias (the original improved-gan code does the
+  same): pass ``logits_unbiased`` of ``ifsq_jax.nets.inception`` to reproduce it.
 
-  Differences from ADM: float64 softmax and logs (ADM: float32), and
-  ``0 log 0 = 0`` (ADM would give NaN for a probability that underflows to 0).
+  Differences from ADM: float64 softmax and logs (ADM: float32),
+  ``0 log 0 = 0`` (ADM would give NaN for a probability that underflows to 0),
+  and the default splits when N is not a multiple of 5000.
 
   Raises:
     ValueError: for an input that is not 2-D with rows, or split_size < 1.
@@ -105,6 +131,8 @@ def inception_score(logits_or_probs: np.ndarray, split_size: int = IS_SPLIT) -> 
   x = np.asarray(logits_or_probs, np.float64)
   if x.ndim != 2 or x.shape[0] == 0:
     raise ValueError(f"the Inception Score needs (N, K) logits or probabilities with N >= 1, got {x.shape}.")
+  if split_size is None:
+    split_size = inception_score_split(len(x))
   if split_size < 1:
     raise ValueError(f"split_size={split_size} must be >= 1.")
   is_probs = np.all(x >= 0) and np.allclose(x.sum(1), 1.0, rtol=0, atol=1e-3)

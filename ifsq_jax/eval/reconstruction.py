@@ -50,24 +50,42 @@ MIN_LPIPS_ALEX_SIZE = 32  # AlexNet's strided layers leave no pixels below this
 MAX_NAMED_SKIPS = 5  # undecodable images named in warnings
 
 
+def lpips_params() -> dict[str, Any]:
+  """``{"alexnet": ..., "vgg16": ...}``: the packaged LPIPS weights (host arrays) for :func:`per_image_program`."""
+  return {net: lpips.load_params(net) for net in ("alexnet", "vgg16")}
+
+
 @functools.lru_cache(maxsize=1)
-def _per_image_fn():
+def per_image_program() -> Callable[..., dict[str, jax.Array]]:
+  """``fn(nets, x, recon)``: per-image metrics and VGG16 features of a batch, ``nets`` as :func:`lpips_params`.
+
+  The weights are an argument: a closure would bake them into the program as
+  constants, once per batch shape.
+  """
   alex = lpips.LPIPS("alexnet", spatial=True)
-  alex_params = lpips.load_params("alexnet")
-  vgg_params = lpips.load_params("vgg16")
 
   @jax.jit
-  def fn(x, recon):
+  def fn(nets, x, recon):
     x, recon = x.astype(jnp.float32), recon.astype(jnp.float32)
     a, b = (x + 1) / 2, (recon + 1) / 2
     clamped = jnp.clip(recon, -1, 1)
     out = {"l1": jnp.mean(jnp.abs(x - recon), axis=(1, 2, 3)), "psnr": psnr(a, b), "ssim": ssim(a, b),
-           "vgg_real": lpips.vgg16_pool_features(vgg_params, x),
-           "vgg_fake": lpips.vgg16_pool_features(vgg_params, clamped)}
+           "vgg_real": lpips.vgg16_pool_features(nets["vgg16"], x),
+           "vgg_fake": lpips.vgg16_pool_features(nets["vgg16"], clamped)}
     if min(x.shape[1:3]) >= MIN_LPIPS_ALEX_SIZE:
-      out["lpips_alex"] = jnp.mean(alex.apply(alex_params, x, recon), axis=(1, 2))
+      out["lpips_alex"] = jnp.mean(alex.apply(nets["alexnet"], x, recon), axis=(1, 2))
     return out
   return fn
+
+
+@functools.lru_cache(maxsize=None)
+def inception_pair_program(module: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """``fn(variables, x, recon)``: Inception pool features (B, 2048) of originals and clamped reconstructions.
+
+  Both in [-1, 1]; the variables are an argument (not constants of the program).
+  """
+  return jax.jit(lambda variables, x, r: (module.apply(variables, (x + 1) / 2),
+                                          module.apply(variables, jnp.clip((r + 1) / 2, 0, 1))))
 
 
 def to_host(tree: Any) -> Any:
@@ -104,10 +122,12 @@ class ReconstructionMetrics:
     self.code_counts = [np.zeros((s,), np.int64) if s <= MAX_COUNTED_CODES else None for s in self.index_sizes]
     self.level_counts = np.zeros((fsq.dim, max(fsq.levels)), np.int64) if fsq is not None else None
     self._inception = None
+    self._host_nets = {"lpips": lpips_params()}
+    self._placed_nets: dict[Any, Any] = {}  # mesh (None: the default device) -> the weights placed there
     if inception is not None:
       module, variables = inception
-      self._inception = jax.jit(lambda x, r: (module.apply(variables, (x + 1) / 2),
-                                              module.apply(variables, jnp.clip((r + 1) / 2, 0, 1))))
+      self._inception = inception_pair_program(module)
+      self._host_nets["inception"] = variables
       self.inception_real, self.inception_fake = fid.FeatureStats(2048), fid.FeatureStats(2048)
 
   def update(self, x: jax.Array, recon: jax.Array, valid: Any = None, indices: jax.Array | None = None,
@@ -121,9 +141,10 @@ class ReconstructionMetrics:
       indices: (B, h, w, *columns) code indices, or None.
       codes: (B, h, w, D) FSQ codes for per-channel level counts, or None.
     """
-    out = _per_image_fn()(x, recon)
+    nets = self._nets_beside(x)
+    out = per_image_program()(nets["lpips"], x, recon)
     if self._inception is not None:
-      out["inception_real"], out["inception_fake"] = self._inception(x, recon)
+      out["inception_real"], out["inception_fake"] = self._inception(nets["inception"], x, recon)
     if indices is not None and self.index_sizes:
       out["indices"] = indices
     if codes is not None and self.fsq is not None:
@@ -154,6 +175,15 @@ class ReconstructionMetrics:
       for ch in range(self.fsq.dim):
         self.level_counts[ch] += np.bincount(digits[:, ch].astype(np.int64), minlength=self.level_counts.shape[1])
     self.count += int(keep.sum())
+
+  def _nets_beside(self, x: Any) -> dict[str, Any]:
+    """The frozen weights replicated over the mesh of ``x`` (placed once per mesh, not at every batch)."""
+    sharding = getattr(x, "sharding", None)
+    mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+    if mesh not in self._placed_nets:
+      self._placed_nets[mesh] = (parallel.replicate(self._host_nets, mesh) if mesh is not None
+                                 else jax.device_put(self._host_nets))
+    return self._placed_nets[mesh]
 
   def result(self) -> dict[str, Any]:
     """Metrics as plain floats, ints and lists (JSON-ready)."""

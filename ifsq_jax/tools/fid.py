@@ -15,7 +15,9 @@ inception``) the output holds, as ADM's evaluator computes them
 * ``fid``: Frechet distance of the 2048-d pool features.
 * ``sfid``: Frechet distance of the spatial features (``mixed_6/conv``, 7
   channels at 17 x 17; see ``ifsq_jax.nets.inception``).
-* ``inception_score``: splits of 5000 samples, the classifier without its bias.
+* ``inception_score``: the classifier without its bias, in splits of 5000
+  samples (near-equal splits when N is not a multiple of 5000; see
+  ``ifsq_jax.eval.generative.inception_score_split``).
 * ``precision`` / ``recall``: k = 3 nearest-neighbour manifolds of the pool
   features of the samples and the reference images.
 * ``ref_check_fid`` / ``ref_check_sfid`` (when the reference holds both images
@@ -24,9 +26,10 @@ inception``) the output holds, as ADM's evaluator computes them
   TF graph that made them, plus any difference in the images they summarise.
 
 and always ``fd_vgg16`` (VGG16 features that ship with the package; not FID,
-not comparable with it). Images enter the Inception as the TF graph ADM runs
-takes them (``--preprocess adm``: TF1's bilinear resize to 299, ``(x - 128) /
-128``), at float32 matmul precision.
+not comparable with it). The features come from ``ifsq_jax.eval.features``,
+the in-training evaluation's too. Images enter the Inception as the TF graph
+ADM runs takes them (``--preprocess adm``: TF1's bilinear resize to 299,
+``(x - 128) / 128``), at float32 matmul precision.
 
 The reference's features are computed once and cached beside it (or in
 ``--cache_dir``): ``<name>.inception-<key>.npz`` (pool features and statistics;
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -47,12 +49,12 @@ import sys
 import zipfile
 from typing import Any, Iterator, Sequence
 
-import jax
 import numpy as np
 from etils import epath
 
 from ifsq_jax import paths
-from ifsq_jax.eval import fid, generative
+from ifsq_jax.eval import features, generative
+from ifsq_jax.eval.features import FeatureExtractor
 from ifsq_jax.kernels.cpu import host_memory
 
 CONVERT_HINT = ("FID, sFID, the Inception Score, precision and recall need the FID Inception: convert "
@@ -118,78 +120,9 @@ def iter_images(path: epath.PathLike, batch: int, key: str = "arr_0") -> Iterato
       yield np.frombuffer(data, np.uint8).reshape((n, *shape[1:]))
 
 
-class FeatureExtractor:
-  """Inception (optional) and VGG16 features of uint8 batches, compiled once for a fixed batch size.
-
-  Args:
-    inception_dir: A converted FID Inception directory, or None for VGG16 only.
-    batch: Images per step (the last batch is padded to it).
-    preprocess: The Inception's input pipeline (``adm`` or ``pytorch_fid``).
-  """
-
-  def __init__(self, inception_dir: epath.PathLike | None, batch: int = 64, preprocess: str = "adm"):
-    self.batch = batch
-    self.preprocess = preprocess
-    self.inception_key = None
-    self.has_logits = False
-    self._inception = None
-    if inception_dir:
-      from ifsq_jax.convert import inception  # pylint: disable=g-import-not-at-top
-      module, variables = inception.load(inception_dir, preprocess=preprocess)
-      self.has_logits = inception.has_classifier(variables)
-      outputs = ("pool", "spatial") + (("logits_unbiased",) if self.has_logits else ())
-      self._inception = functools.partial(_compiled_inception(module, outputs), variables)
-      self.inception_key = _file_digest(epath.Path(inception_dir) / "params.safetensors")
-
-  @property
-  def has_inception(self) -> bool:
-    return self._inception is not None
-
-  def __call__(self, images: np.ndarray, inception: bool = True) -> dict[str, np.ndarray]:
-    """uint8 (n, H, W, 3) -> {"vgg16": (n, 512)} and, with the Inception, pool / spatial / logits_unbiased."""
-    parts = [self._batch(images[i:i + self.batch], inception) for i in range(0, len(images), self.batch)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  def _batch(self, images: np.ndarray, inception: bool) -> dict[str, np.ndarray]:
-    n = len(images)
-    x = np.zeros((self.batch, *images.shape[1:]), np.float32)  # padded: one compiled shape
-    x[:n] = images / np.float32(255.0)
-    out = {"vgg16": fid.vgg16_features(2.0 * x - 1.0)[:n]}
-    if inception and self._inception is not None:
-      with jax.default_matmul_precision("float32"):  # not TF32 / bf16 passes on accelerators
-        out.update({k: np.asarray(v)[:n] for k, v in self._inception(x).items()})
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_inception(module: Any, outputs: tuple[str, ...]):
-  """One jitted Inception per module configuration and outputs (variables are an argument), shared by extractors."""
-  return jax.jit(functools.partial(module.apply, outputs=outputs))
-
-
-def _file_digest(path: epath.PathLike) -> str:
-  h = hashlib.sha256()
-  with epath.Path(path).open("rb") as f:
-    for block in iter(functools.partial(f.read, 1 << 24), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _features(path: epath.PathLike, extractor: FeatureExtractor, inception: bool = True) -> dict[str, Any]:
-  """Statistics (``FeatureStats``) of every feature of the images of ``path``, and the pool features and logits."""
-  stats: dict[str, fid.FeatureStats] = {}
-  kept: dict[str, list[np.ndarray]] = {"pool": [], "logits_unbiased": []}
-  count = 0
-  for images in iter_images(path, extractor.batch):
-    feats = extractor(images, inception)
-    for name, f in feats.items():
-      if name in ("vgg16", "pool", "spatial"):
-        stats.setdefault(name, fid.FeatureStats(f.shape[1])).update(f)
-      if name in kept:
-        kept[name].append(f)
-    count += len(images)
-    logging.info("%s: %d images", path, count)
-  return {"count": count, "stats": stats, **{k: np.concatenate(v) if v else None for k, v in kept.items()}}
+  """:func:`ifsq_jax.eval.features.summarize` of the images of ``path``, read one batch at a time."""
+  return features.summarize(iter_images(path, extractor.batch), extractor, inception, label=str(path))
 
 
 def _cache_path(ref: epath.PathLike, cache_dir: epath.PathLike | None, kind: str, *key_parts: str) -> epath.Path:
@@ -274,21 +207,28 @@ def evaluate(samples: epath.PathLike, ref: epath.PathLike, inception_dir: epath.
     out["fd_vgg16"] = generative.frechet_distance(vgg.mu, vgg.sigma, ref_feats["vgg_mu"], ref_feats["vgg_sigma"])
   if not extractor.has_inception:
     return out
-  for name, (mu, sigma, stats) in {"fid": ("mu", "sigma", feats["stats"]["pool"]),
-                                   "sfid": ("mu_s", "sigma_s", feats["stats"]["spatial"])}.items():
+  references, checks = {}, {}
+  for name, (mu, sigma) in {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}.items():
     ours = (ref_feats[mu], ref_feats[sigma]) if mu in ref_feats else None
     theirs = (published[mu], published[sigma]) if mu in published and sigma in published else None
     if theirs is None and ours is None:
       logging.warning("%s holds neither %s / %s nor images to compute them from: no %s.", ref, mu, sigma, name)
-      continue
-    out[name] = generative.frechet_distance(stats.mu, stats.sigma, *(theirs or ours))  # ADM: the published first
+    references[name] = theirs or ours  # ADM: the published statistics first
     if theirs is not None and ours is not None:
-      out[f"ref_check_{name}"] = generative.frechet_distance(*ours, *theirs)
-  if extractor.has_logits:
-    out["inception_score"] = generative.inception_score(feats["logits_unbiased"])
-  if "pool" in ref_feats:
-    out["precision"], out["recall"] = generative.precision_recall(ref_feats["pool"], feats["pool"])
-    out["reference_images"] = len(ref_feats["pool"])
+      checks[name] = generative.frechet_distance(*ours, *theirs)
+  real_pool = ref_feats.get("pool")
+  if real_pool is not None and len(real_pool) <= generative.PR_NEIGHBOURS:
+    raise ValueError(f"{ref} holds {len(real_pool)} images; precision and recall need more than "
+                     f"{generative.PR_NEIGHBOURS}.")
+  metrics = features.generative_metrics(feats, references["fid"], references["sfid"], real_pool)
+  for name in ("fid", "sfid"):  # each distance, then its check
+    if name in metrics:
+      out[name] = metrics.pop(name)
+    if name in checks:
+      out[f"ref_check_{name}"] = checks[name]
+  out.update(metrics)
+  if real_pool is not None:
+    out["reference_images"] = len(real_pool)
   out["inception_preprocess"] = preprocess
   return out
 

@@ -1,4 +1,4 @@
-"""In-training evaluation of a generator's samples, with the functions of ``python -m ifsq_jax.tools.fid``.
+"""In-training evaluation of a generator's samples, with ``ifsq_jax.eval`` as ``python -m ifsq_jax.tools.fid``.
 
 Generated images are compared with the center crops of the first
 ``data.eval_examples`` validation images (their features computed once), or,
@@ -17,15 +17,15 @@ e.g. ADM's ``VIRTUAL_imagenet256_labeled.npz``). Logged metrics:
   - ``sfid``: spatial features, against the reference file's ``mu_s`` /
     ``sigma_s`` when it holds them (ADM's files do), else against the crops.
   - ``inception_score``: the classifier without its bias, in
-    :func:`inception_score_split` splits. Weights converted without the
-    classifier give no score (logged).
+    :func:`~ifsq_jax.eval.generative.inception_score_split` splits (the
+    tool's). Weights converted without the classifier give no score (logged).
   - ``precision`` / ``recall``: k = 3 manifolds of the pool features of the
     samples and the crops; skipped (logged) with fewer than 4 of either.
 
 Preprocessing is the tool's, on purpose: samples are rounded to uint8 as
 ``python -m ifsq_jax.tools.sample`` saves them (``fid.to_uint8``), and so are
 the crops, as the images of ADM's reference batches are; both go through
-``tools.fid.FeatureExtractor`` with ``preprocess="adm"`` (the TF graph's
+``eval.features.FeatureExtractor`` with ``preprocess="adm"`` (the TF graph's
 resize and scaling that made ADM's published statistics). So a number logged
 here is the number ``tools.fid`` gives for the same images, and a published
 reference is compared with features made the same way. (Earlier versions fed
@@ -49,24 +49,12 @@ from etils import epath
 
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.data import sources, transforms
-from ifsq_jax.eval import fid, generative
-from ifsq_jax.tools import fid as fid_tool
+from ifsq_jax.eval import features as features_lib
+from ifsq_jax.eval import fid
+# Re-exported: the split rule of the logged inception_score is the tool's, defined once in eval.
+from ifsq_jax.eval.generative import inception_score_split  # pylint: disable=unused-import
 
 BATCH = 32  # images per feature step (padded to it: one compiled shape)
-
-
-def inception_score_split(n: int) -> int:
-  """Split size for the Inception Score of n samples: ``n // 5000`` near-equal splits, at least one.
-
-  ADM scores splits of 5000 (ten for the paper's 50,000); n a multiple of 5000
-  gives exactly those. Otherwise the splits are as equal as they can be, so
-  none is a short remainder (a split of one sample scores 1 whatever the
-  model), and fewer than 10,000 samples make one split of all n.
-  """
-  if n < 1:
-    raise ValueError(f"n={n} samples; the Inception Score needs at least 1.")
-  splits = max(1, n // generative.IS_SPLIT)
-  return -(-n // splits)
 
 
 class SampleEvaluator:
@@ -80,7 +68,7 @@ class SampleEvaluator:
 
   def __init__(self, config: ml_collections.ConfigDict, batch: int = BATCH):
     self.config = config
-    self.extractor = fid_tool.FeatureExtractor(config.eval.inception_path or None, batch, preprocess="adm")
+    self.extractor = features_lib.FeatureExtractor(config.eval.inception_path or None, batch, preprocess="adm")
     if self.extractor.has_inception and not self.extractor.has_logits:
       logging.warning("%s was converted without the classifier (fc): no inception_score. Convert the checkpoint "
                       "again with `python -m ifsq_jax.convert inception`.", config.eval.inception_path)
@@ -106,32 +94,19 @@ class SampleEvaluator:
     """Features of (N, H, W, 3) images in [-1, 1], as the tool computes them from the saved uint8 images.
 
     Returns:
-      ``FeatureStats`` of ``vgg16`` and, with the Inception, of ``pool`` and
-      ``spatial``, plus the arrays ``pool_features`` (N, 2048) and ``logits``
-      (N, 1008; the classifier without its bias, when the weights hold it).
+      The :func:`ifsq_jax.eval.features.summarize` dict: ``stats`` (``FeatureStats``
+      of ``vgg16`` and, with the Inception, of ``pool`` and ``spatial``),
+      ``pool`` (N, 2048) and ``logits_unbiased`` (N, 1008; the classifier
+      without its bias, when the weights hold it), None where not computed.
     """
-    stats: dict[str, fid.FeatureStats] = {}
-    kept: dict[str, list[np.ndarray]] = {"pool": [], "logits_unbiased": []}
     step = self.extractor.batch
-    for start in range(0, len(images), step):
-      feats = self.extractor(fid.to_uint8(images[start:start + step]))
-      for name in ("vgg16", "pool", "spatial"):
-        if name in feats:
-          stats.setdefault(name, fid.FeatureStats(feats[name].shape[1])).update(feats[name])
-      for name, parts in kept.items():
-        if name in feats:
-          parts.append(feats[name])
-    out: dict[str, object] = dict(stats)
-    if kept["pool"]:
-      out["pool_features"] = np.concatenate(kept["pool"])
-    if kept["logits_unbiased"]:
-      out["logits"] = np.concatenate(kept["logits_unbiased"])
-    return out
+    batches = (fid.to_uint8(images[start:start + step]) for start in range(0, len(images), step))
+    return features_lib.summarize(batches, self.extractor, label="evaluation images")
 
   def _reference(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{"pool": (mu, sigma), "spatial": (mu_s, sigma_s)}, each from ``eval.fid_reference`` if it holds them."""
     real = self._real
-    out = {name: (real[name].mu, real[name].sigma) for name in ("pool", "spatial")}
+    out = {name: (real["stats"][name].mu, real["stats"][name].sigma) for name in ("pool", "spatial")}
     path = self.config.eval.fid_reference
     if path:
       out["pool"] = fid.load_stats(path)
@@ -146,19 +121,9 @@ class SampleEvaluator:
     if images.ndim != 4 or len(images) < 2:
       raise ValueError(f"the sample evaluation needs (N, H, W, 3) images with N >= 2, got {images.shape}.")
     fake, real = self.features(images), self._real
-    out = {"fd_vgg16": fid.fd_vgg16(fake["vgg16"], real["vgg16"]), "samples": float(len(images))}
+    out = {"fd_vgg16": fid.fd_vgg16(fake["stats"]["vgg16"], real["stats"]["vgg16"]), "samples": float(len(images))}
     if not self.extractor.has_inception:
       return out
     reference = self._reference()
-    for metric, name in (("fid", "pool"), ("sfid", "spatial")):
-      out[metric] = generative.frechet_distance(fake[name].mu, fake[name].sigma, *reference[name])
-    if "logits" in fake:
-      out["inception_score"] = generative.inception_score(fake["logits"], inception_score_split(len(images)))
-    k = generative.PR_NEIGHBOURS
-    n_real, n_fake = len(real["pool_features"]), len(images)
-    if min(n_real, n_fake) <= k:
-      logging.warning("No precision / recall: the k=%d nearest-neighbour manifolds need at least %d real and %d "
-                      "generated images, got %d and %d.", k, k + 1, k + 1, n_real, n_fake)
-    else:
-      out["precision"], out["recall"] = generative.precision_recall(real["pool_features"], fake["pool_features"])
+    out.update(features_lib.generative_metrics(fake, reference["pool"], reference["spatial"], real["pool"]))
     return out
