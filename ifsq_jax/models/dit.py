@@ -93,7 +93,6 @@ ROPE_THETA = 10000.0
 NORM_EPS = 1e-6
 QK_LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, for the QK-norm without RMSNorm
 
-_remat_policy = transformer.remat_policy  # the former private name
 
 
 # ------------------------------------------------------------------ fixed tables

@@ -2,10 +2,12 @@
 
 One dense layer, one attention (QK-norm, rotary embedding, causal mask, KV cache),
 one SwiGLU, the norms, the scanned block stack (remat policy, REPA tap), the REPA
-projector, the label table with its null class and the field checks. A model file
-(:mod:`ifsq_jax.models.dit`, :mod:`ifsq_jax.models.llamagen`) keeps only what makes
-that model different; the parts here take the names and kernel initialisers of the
-model that builds them, so that its parameter tree stays the reference's.
+projector, the label table with its null class, and :class:`Generator`: the fields
+both generators have (width, depth, heads, labels, REPA, dtype, attention, remat,
+scan) with their checks. A model file (:mod:`ifsq_jax.models.dit`,
+:mod:`ifsq_jax.models.llamagen`) keeps only what makes that model different; the
+parts here take the names and kernel initialisers of the model that builds them,
+so that its parameter tree stays the reference's.
 
 Precision: params are float32; ``dtype`` is the compute dtype. Every matmul
 accumulates in float32 (``preferred_element_type``) and adds its bias in float32
@@ -44,7 +46,7 @@ ROPE_THETA = 10000.0
 Initializer = Callable[..., jax.Array]
 
 
-# ------------------------------------------------------------------ initialisers and checks
+# ------------------------------------------------------------------ initialisers
 
 def xavier_uniform(n_in: int = 1) -> Initializer:
   """PyTorch's ``xavier_uniform_`` on the (prod(in), prod(out)) view of a kernel with ``n_in`` input axes."""
