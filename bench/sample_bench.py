@@ -64,7 +64,7 @@ from ifsq_jax.models.llamagen import LlamaGen
 from ifsq_jax.models.pretrained import LoadedTokenizer
 from ifsq_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from ifsq_jax.nets import inception
-from ifsq_jax.tools import fid as fid_tool
+from ifsq_jax.eval import features
 from ifsq_jax.tools import sample
 
 TOOL_STEPS = 250  # python -m ifsq_jax.tools.sample --steps default (the paper's evaluation)
@@ -113,7 +113,7 @@ def dit_generator(tok: LoadedTokenizer, steps: int, cfg_scale: float, dtype: Any
   """DiT-S/1 at 16 x 16 x 4 with the tool's default sampler options but ``steps`` and ``cfg_scale``."""
   module = dit.DiT(**dit.dit_config("S", 1, z_dim=0), dtype=dtype)
   params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(1, impl="rbg"), *dit.example_inputs(module))["params"])
-  options = {"steps": steps, "method": "euler", "mode": "ode", "shift": 0.0, "cfg_scale": cfg_scale,
+  options = {"num_steps": steps, "method": "euler", "mode": "ode", "shift": 0.0, "cfg_scale": cfg_scale,
              "cfg_interval": [0.0, 1.0], "cfg_channels": 0}
   return sample.Generator(module, params, tok, options, latent_scale=1.0, seed=0, devices=devices)
 
@@ -184,7 +184,7 @@ def time_features(num_images: int, batch: int) -> dict[str, float]:
   out = {}
   with tempfile.TemporaryDirectory() as d:
     torch_io.save_converted(d, variables, {"kind": "inception"})
-    extractor = fid_tool.FeatureExtractor(d, batch=batch)
+    extractor = features.FeatureExtractor(d, batch=batch)
     for name, with_inception in (("all", True), ("vgg16", False)):
       extractor(images[:1], inception=with_inception)  # compiles
       start = time.perf_counter()

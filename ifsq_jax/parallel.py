@@ -218,3 +218,27 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's slice of a batch -> global arrays sharded over (data, fsdp)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """Devices the batch axis is split over (the mesh's data x fsdp)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def round_up(n: int, k: int) -> int:
+  """The least multiple of ``k`` that is >= ``n``."""
+  return -(-n // k) * k
+
+
+def global_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """The full host array (the same on every process) -> a global array sharded over (data, fsdp) on axis 0."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a global array on every process (gathered over processes when it spans several)."""
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

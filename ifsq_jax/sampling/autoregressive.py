@@ -17,12 +17,14 @@ tokens), driven as ``llamagen/inference.py`` drives them, in one jitted program:
   labels, and ``logits = u + s (c - u)`` on the raw logits, before temperature and filtering, as the
   reference does (on log-probabilities it would be the same distribution: they differ from logits by
   a per-row constant). Both halves of a pair receive the same drawn token. Token n is guided iff
-  ``lo <= n / N < hi`` for ``cfg_interval = (lo, hi)``; outside, the conditional logits are used
-  unguided, as the reference does (it still runs the doubled batch: the unconditional half's cache must
-  hold every token for later guided positions). The reference's integer ``cfg_interval = k`` (-1: all)
-  guides tokens 0..k+1 (the prefill always, then decode steps i <= k, which draw token i + 1), i.e.
-  ``(0, (k + 2) / N)``; its ``generate_group`` ignores the interval, which is honoured here for every
-  sub-token of a guided position. The reference skips guidance for any ``cfg_scale <= 1``; here any
+  ``lo <= n / N < hi`` for ``cfg_interval = (lo, hi)`` (the meaning the DiT's flow time shares,
+  :mod:`ifsq_jax.sampling.guidance`); outside, the conditional logits are used unguided, as the
+  reference does (it still runs the doubled batch: the unconditional half's cache must hold every token
+  for later guided positions). The reference's integer ``cfg_interval = k`` guides tokens 0..k+1 (the
+  prefill always, then decode steps i <= k, which draw token i + 1), i.e. ``(0, (k + 2) / N)``; its -1
+  (all tokens) is accepted here and means ``(0, 1)``, other integers are refused. Its
+  ``generate_group`` ignores the interval, which is honoured here for every sub-token of a guided
+  position. The reference skips guidance for any ``cfg_scale <= 1``; here any
   scale other than 1 guides (a scale in (0, 1) moves towards the unconditional model).
 * **Drawing** (the reference's ``sample``): ``logits / max(T, 1e-5)``, then top-k (``top_k > 0``: logits
   below the k-th largest become -inf; k is clipped to the vocabulary), then top-p (``top_p < 1``:
@@ -66,6 +68,7 @@ import numpy as np
 
 from ifsq_jax.models.llamagen import LlamaGen
 from ifsq_jax.parallel import BATCH, VOCAB, constrain
+from ifsq_jax.sampling import guidance
 
 MIN_TEMPERATURE = 1e-5  # the reference's floor: logits / max(T, 1e-5)
 
@@ -118,11 +121,9 @@ def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature: float = 1.
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def guided_positions(num_tokens: int, cfg_interval: tuple[float, float]) -> np.ndarray:
-  """(N,) bool: token n is guided iff ``lo <= n / N < hi``."""
-  lo, hi = cfg_interval
-  frac = np.arange(num_tokens) / num_tokens
-  return (frac >= lo) & (frac < hi)
+def guided_positions(num_tokens: int, cfg_interval: Any) -> np.ndarray:
+  """(N,) bool: token n is guided iff ``lo <= n / N < hi`` (:func:`ifsq_jax.sampling.guidance.guided`)."""
+  return np.asarray(guidance.guided(np.arange(num_tokens) / num_tokens, cfg_interval), bool)
 
 
 def _unrolled(module: LlamaGen, params: Any) -> tuple[LlamaGen, Any]:
@@ -142,14 +143,12 @@ def _unrolled(module: LlamaGen, params: Any) -> tuple[LlamaGen, Any]:
   return module.clone(scan_layers=False), out
 
 
-def validate_options(*, cfg_scale: float, cfg_interval: tuple[float, float], temperature: float, top_k: int,
+def validate_options(*, cfg_scale: float, cfg_interval: Any, temperature: float, top_k: int,
                      top_p: float) -> None:
   """Raises ValueError naming a sampling option outside its valid range (see :func:`generate`)."""
   if cfg_scale < 0:
     raise ValueError(f"cfg_scale={cfg_scale} must be >= 0 (1 = no guidance).")
-  if len(cfg_interval) != 2 or not 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0:
-    raise ValueError(f"cfg_interval={cfg_interval} must be (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the "
-                     "sequence).")
+  guidance.interval(cfg_interval)
   if temperature < 0:
     raise ValueError(f"temperature={temperature} must be >= 0 (it is floored at {MIN_TEMPERATURE}).")
   if not isinstance(top_k, (int, np.integer)) or top_k < 0:
@@ -170,7 +169,7 @@ def _validate(module, labels, cfg_scale, cfg_interval, temperature, top_k, top_p
 
 
 def generate(module: LlamaGen, params: Any, labels: jax.Array, key: jax.Array, *, cfg_scale: float = 1.0,
-             cfg_interval: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0, top_k: int = 0,
+             cfg_interval: Any = guidance.ALWAYS, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, null_label: int | None = None, return_logits: bool = False) -> Any:
   """Samples token sequences for ``labels`` (see the module docstring); jitted, options static.
 
@@ -184,7 +183,8 @@ def generate(module: LlamaGen, params: Any, labels: jax.Array, key: jax.Array, *
     labels: (B,) int class labels in [0, num_classes).
     key: PRNG key of the whole (global) batch; row r uses ``fold_in(key, r)``.
     cfg_scale: Guidance scale s: ``u + s (c - u)`` on the logits; 1 runs the plain batch.
-    cfg_interval: (lo, hi): token n is guided iff ``lo <= n / N < hi``; the conditional logits elsewhere.
+    cfg_interval: (lo, hi): token n is guided iff ``lo <= n / N < hi``, the conditional logits elsewhere;
+      ``-1`` or (0, 1): every token (:mod:`ifsq_jax.sampling.guidance`).
     temperature: Divides the logits (floored at 1e-5).
     top_k: Keep the k largest logits (0: all; 1: greedy argmax).
     top_p: Nucleus filtering after top-k (1: none).
@@ -199,7 +199,7 @@ def generate(module: LlamaGen, params: Any, labels: jax.Array, key: jax.Array, *
   labels = labels if isinstance(labels, jax.Array) else np.asarray(labels)
   _validate(module, labels, cfg_scale, cfg_interval, temperature, top_k, top_p, null_label)
   return _generate(module, params, labels, key, cfg_scale=float(cfg_scale),
-                   cfg_interval=(float(cfg_interval[0]), float(cfg_interval[1])), temperature=float(temperature),
+                   cfg_interval=guidance.interval(cfg_interval), temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p),
                    null_label=module.num_classes if null_label is None else int(null_label),
                    return_logits=bool(return_logits))

@@ -45,10 +45,11 @@ score function (a bug: it never ran); here the velocity alone is used, as was me
 batch ``[x | x]`` with labels ``[y | null]`` and ``v = v_u + s (v_c - v_u)`` on every channel.
 ``cfg_channels=3`` reproduces the reference's ``forward_with_cfg``, which guides only channels 0..2
 (inherited from DiT, whose 4 other channels were a learned variance) and keeps the conditional
-prediction in the remaining channels: a bug of the reference, kept only for parity. Within
-``cfg_interval = (lo, hi)`` (inclusive) guidance applies; outside it the conditional prediction is used
-unguided and only the conditional half is evaluated (the reference's ``cfg_interval_start`` is
-``(start, 1)``).
+prediction in the remaining channels: a bug of the reference, kept only for parity. An evaluation at
+time t is guided iff ``lo <= t < hi`` for ``cfg_interval = (lo, hi)`` (:mod:`ifsq_jax.sampling.guidance`:
+the meaning LlamaGen's token positions share; ``-1`` means always); outside it the conditional
+prediction is used unguided and only the conditional half is evaluated. The model is never evaluated
+at t = 1, so ``(start, 1)`` is the reference's ``cfg_interval_start = start`` (guided iff t >= start).
 
 B batch, H W latent size, C latent channels, N steps.
 """
@@ -64,6 +65,7 @@ import numpy as np
 from ifsq_jax import parallel
 from ifsq_jax.eval.fid import to_uint8  # noqa: F401  re-exported: clip(127.5 x + 128, 0, 255) truncated
 from ifsq_jax.objectives import transport
+from ifsq_jax.sampling import guidance
 
 METHODS = ("euler", "heun")
 MODES = ("ode", "sde")
@@ -138,8 +140,9 @@ def guided_velocity(velocity_fn: VelocityFn, x: jax.Array, t: jax.Array, y: jax.
   return guided
 
 
-def _validate(noise, labels, num_steps, method, mode, shift, cfg_scale, null_label, cfg_channels, cfg_interval,
-              key, sde_diffusion, sde_diffusion_norm, last_step, last_step_size) -> None:
+def validate_options(*, num_steps: int, method: str, mode: str, shift: float,
+                     cfg_interval: Any = guidance.ALWAYS) -> None:
+  """Raises ValueError naming a sampler option outside its valid range (see :func:`sample`)."""
   if method not in METHODS:
     raise ValueError(f"method={method!r} is not valid; use one of {METHODS}.")
   if mode not in MODES:
@@ -148,15 +151,18 @@ def _validate(noise, labels, num_steps, method, mode, shift, cfg_scale, null_lab
     raise ValueError(f"num_steps={num_steps!r} must be an integer >= {2 if mode == 'sde' else 1} for mode={mode!r}.")
   if shift < 0:
     raise ValueError(f"shift={shift} must be >= 0 (0 = no shift).")
+  guidance.interval(cfg_interval)
+
+
+def _validate(noise, labels, num_steps, method, mode, shift, cfg_scale, null_label, cfg_channels, cfg_interval,
+              key, sde_diffusion, sde_diffusion_norm, last_step, last_step_size) -> None:
+  validate_options(num_steps=num_steps, method=method, mode=mode, shift=shift, cfg_interval=cfg_interval)
   if noise.ndim < 2 or labels.shape != noise.shape[:1]:
     raise ValueError(f"noise {noise.shape} must be (B, H, W, C) and labels {labels.shape} must be (B,).")
   if cfg_scale != 1.0 and null_label is None:
     raise ValueError(f"cfg_scale={cfg_scale} needs null_label (the unconditional class, num_classes for the DiT).")
   if cfg_channels is not None and not 1 <= cfg_channels <= noise.shape[-1]:
     raise ValueError(f"cfg_channels={cfg_channels} must be None or in [1, {noise.shape[-1]}] (the channels).")
-  lo, hi = cfg_interval
-  if not 0.0 <= lo <= hi <= 1.0:
-    raise ValueError(f"cfg_interval={cfg_interval} must be (lo, hi) with 0 <= lo <= hi <= 1.")
   if mode == "sde":
     if key is None:
       raise ValueError("mode='sde' draws noise: pass key.")
@@ -172,7 +178,7 @@ def _validate(noise, labels, num_steps, method, mode, shift, cfg_scale, null_lab
 
 def sample(velocity_fn: VelocityFn, noise: jax.Array, labels: jax.Array, *, num_steps: int, method: str = "euler",
            mode: str = "ode", shift: float = 0.0, cfg_scale: float = 1.0, null_label: int | None = None,
-           cfg_channels: int | None = None, cfg_interval: tuple[float, float] = (0.0, 1.0),
+           cfg_channels: int | None = None, cfg_interval: Any = guidance.ALWAYS,
            key: jax.Array | None = None, sde_diffusion: str = "sigma", sde_diffusion_norm: float = 1.0,
            last_step: str = "mean", last_step_size: float = 0.04) -> jax.Array:
   """Integrates the flow from noise (t = 0) to data (t = 1); the caller jits (options are static Python values).
@@ -191,7 +197,8 @@ def sample(velocity_fn: VelocityFn, noise: jax.Array, labels: jax.Array, *, num_
     cfg_scale: Guidance scale; 1 calls the model once on the plain batch.
     null_label: Unconditional class label (needed when cfg_scale != 1).
     cfg_channels: None guides all channels; 3 reproduces the reference's 3-channel quirk.
-    cfg_interval: Inclusive (lo, hi) range of t where guidance applies.
+    cfg_interval: (lo, hi): an evaluation at time t is guided iff ``lo <= t < hi``; ``-1`` or (0, 1):
+      always (:mod:`ifsq_jax.sampling.guidance`).
     key: PRNG key of the SDE's noise (unused by the ODE).
     sde_diffusion: ``"sigma"``, ``"linear"`` or ``"constant"``, the form of w(t).
     sde_diffusion_norm: Factor of w(t).
@@ -206,7 +213,7 @@ def sample(velocity_fn: VelocityFn, noise: jax.Array, labels: jax.Array, *, num_
   axes = _batch_axes(noise)
   x = parallel.constrain(noise.astype(jnp.float32), axes)
   b = x.shape[0]
-  lo, hi = cfg_interval
+  interval = guidance.interval(cfg_interval)
 
   def velocity(x, t):
     """v at the scalar time t, guided inside the interval."""
@@ -216,10 +223,10 @@ def sample(velocity_fn: VelocityFn, noise: jax.Array, labels: jax.Array, *, num_
       return plain(x)
     guided = lambda x: guided_velocity(velocity_fn, x, tb, labels, cfg_scale=cfg_scale, null_label=null_label,
                                        cfg_channels=cfg_channels)
-    if (lo, hi) == (0.0, 1.0):
+    if guidance.always(interval):
       return guided(x)
     # A cond, not a select: outside the interval only the conditional half runs.
-    return jax.lax.cond((t >= lo) & (t <= hi), guided, plain, x)
+    return jax.lax.cond(guidance.guided(t, interval), guided, plain, x)
 
   w = lambda t: sde_diffusion_norm * SDE_DIFFUSIONS[sde_diffusion](t)
 

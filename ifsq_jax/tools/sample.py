@@ -11,7 +11,9 @@ r"""Sample a trained generator (DiT or LlamaGen) in resumable shards, packed for
 token groups are read from it) or a converted directory (then name the tokenizer,
 and for DiT the latent scale). Labels are class-balanced by default: a seeded
 permutation of ``i % num_classes``, so every class has N / C samples
-(``uniform`` draws them independently).
+(``uniform`` draws them independently). ``--cfg_interval lo,hi`` guides the
+evaluations at sampling progress p with ``lo <= p < hi`` (DiT: the flow time;
+LlamaGen: token n / N); ``-1`` means always (:mod:`ifsq_jax.sampling.guidance`).
 
 Output: ``shard-SSSSS-of-NNNNN.npz`` (``arr_0`` uint8 (n, H, W, 3), ``labels``,
 ``index``), each written under a temporary name and renamed when complete, and
@@ -22,7 +24,8 @@ file, never held in memory whole); ``--png`` also writes ``png/IIIIII.png``.
 directory is an error, so shards of two runs never mix. Every path may be
 ``gs://...`` (:mod:`ifsq_jax.paths`).
 
-Randomness is a function of (seed, sample index) and the batch layout (fixed by
+Samples are drawn by :mod:`ifsq_jax.sampling.draw`, as in-training evaluation
+draws them. Randomness is a function of (seed, sample index) and the batch layout (fixed by
 ``--shard_size``, ``--batch`` and the number of local devices, which rounds the
 batch up): DiT's initial noise for sample i is drawn from ``(seed, i)``, and a
 batch starting at sample i samples with the key ``fold_in(key(seed), i)``
@@ -55,7 +58,6 @@ import zipfile
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -65,8 +67,7 @@ from ifsq_jax.models import loading
 from ifsq_jax.models.dit import DiT
 from ifsq_jax.models.llamagen import LlamaGen
 from ifsq_jax.models.pretrained import LoadedTokenizer, load_tokenizer
-from ifsq_jax.sampling import autoregressive, flow
-from ifsq_jax.train import generator as generator_lib
+from ifsq_jax.sampling import draw, flow
 
 LABEL_KINDS = ("balanced", "uniform")
 META = "meta.json"
@@ -90,11 +91,14 @@ def make_labels(num: int, num_classes: int, seed: int, kind: str = "balanced") -
 class Generator:
   """A trained generator with its tokenizer: ``images(indices, labels)`` -> uint8 (B, H, W, 3).
 
+  Samples are drawn by :func:`ifsq_jax.sampling.draw.draw` (the path of
+  in-training evaluation too), so their randomness is that module's.
+
   Args:
     module: DiT or LlamaGen.
     params: Its params.
     tokenizer: The tokenizer its codes or indices belong to.
-    options: Sampler options (see ``main``'s flags).
+    options: Sampler options (:func:`ifsq_jax.sampling.draw.options`; see ``main``'s flags).
     latent_scale: DiT only: the scale its codes were trained at.
     seed: The run's seed.
     devices: Devices the batch is split over.
@@ -102,47 +106,19 @@ class Generator:
 
   def __init__(self, module: DiT | LlamaGen, params: Any, tokenizer: LoadedTokenizer, options: dict[str, Any],
                latent_scale: float | None, seed: int, devices: Sequence[Any]):
-    self.module, self.tokenizer, self.options, self.seed = module, tokenizer, options, seed
+    self.module, self.tokenizer, self.seed = module, tokenizer, seed
+    self.options = draw.options(module, options)
     self.mesh = parallel.make_mesh(devices=devices)
     self.params = parallel.replicate(params, self.mesh)
-    self.tok_vars = parallel.replicate(tokenizer.variables, self.mesh)
     self.latent_scale = latent_scale
+    self.decoder = draw.Decoder(tokenizer.model, parallel.replicate(tokenizer.variables, self.mesh), latent_scale)
     self.kind = "dit" if isinstance(module, DiT) else "llamagen"
-    self._program = jax.jit(self._dit if self.kind == "dit" else self._llamagen,
-                            out_shardings=parallel.batch_sharding(self.mesh, 4))
-
-  def _dit(self, params, tok, noise, labels, key):
-    o = self.options
-    velocity = lambda x, t, y: self.module.apply({"params": params}, x, t, y)
-    z = flow.sample(velocity, noise, labels, num_steps=o["steps"], method=o["method"], mode=o["mode"],
-                    shift=o["shift"], cfg_scale=o["cfg_scale"], null_label=self.module.num_classes,
-                    cfg_channels=o["cfg_channels"] or None, cfg_interval=tuple(o["cfg_interval"]), key=key)
-    return self.tokenizer.model.apply(tok, (z / self.latent_scale).astype(jnp.float32),
-                                      method=lambda m, c: m.decode(c))
-
-  def _llamagen(self, params, tok, noise, labels, key):
-    del noise
-    o = self.options
-    tokens = autoregressive.generate(self.module, params, labels, key, cfg_scale=o["cfg_scale"],
-                                     cfg_interval=tuple(o["cfg_interval"]), temperature=o["temperature"],
-                                     top_k=o["top_k"], top_p=o["top_p"])
-    g = self.module.grid_size
-    indices = tokens.reshape((tokens.shape[0], g, g) + tokens.shape[2:])
-    return self.tokenizer.model.apply(tok, indices, method=lambda m, i: m.decode_indices(i)).astype(jnp.float32)
 
   def images(self, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """uint8 images (B, H, W, 3) of samples ``indices`` (B,) with ``labels`` (B,); B a multiple of the devices."""
-    key = jax.random.fold_in(jax.random.key(self.seed), int(indices[0]))
-    noise = np.zeros((len(indices), 1), np.float32)
-    if self.kind == "dit":
-      h = self.module.input_size
-      shape = (h, h, self.module.in_channels)
-      noise = np.stack([np.random.default_rng([self.seed, int(i)]).standard_normal(shape, np.float32)
-                        for i in indices])
-    with parallel.sharding_context(self.mesh, parallel.DEFAULT_RULES):
-      out = self._program(self.params, self.tok_vars, generator_lib.global_array(noise, self.mesh),
-                          generator_lib.global_array(np.asarray(labels, np.int32), self.mesh), key)
-    return fid.to_uint8(np.asarray(out))
+    out = draw.draw(self.module, self.params, indices, labels, self.seed, self.options, mesh=self.mesh,
+                    decoder=self.decoder)
+    return fid.to_uint8(parallel.to_host(out["images"]))
 
 
 def _run_config(model_dir: epath.PathLike) -> dict[str, Any] | None:
@@ -164,7 +140,7 @@ def open_generator(model_dir: str, options: dict[str, Any], *, tokenizer: str = 
   if isinstance(module, LlamaGen):
     groups = tuple(group_sizes) or tuple(((run or {}).get("tokens") or {}).get("group_sizes") or ())
     if groups:
-      tok = generator_lib.regroup(tok, groups)
+      tok = draw.regroup(tok, groups)
     if tuple(tok.config.index_sizes) != tuple(module.vocab_sizes):
       raise ValueError(f"the tokenizer {tokenizer} gives indices of {tuple(tok.config.index_sizes)} codes, the model "
                        f"predicts {tuple(module.vocab_sizes)}; split FSQ indices with --group_sizes (e.g. 2,2).")
@@ -186,8 +162,12 @@ def _workdir_latent_scale(model_dir: epath.PathLike) -> float:
 
 def _check_meta(out: epath.PathLike, meta: dict[str, Any]) -> None:
   path = epath.Path(out) / META
+  meta = json.loads(json.dumps(meta))  # as read back: tuples are lists
   if path.exists():
     old = json.loads(path.read_text())
+    options = old.get("options") or {}
+    if "steps" in options:  # the DiT's num_steps, as meta.json of earlier versions names it
+      options["num_steps"] = options.pop("steps")
     differ = [f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in meta if old.get(k) != meta[k]]
     if differ:
       raise ValueError(f"{out} holds samples of other settings ({'; '.join(differ)}); sample into a new --out "
@@ -205,8 +185,7 @@ def write_shards(gen: Generator, out: epath.PathLike, labels: np.ndarray, *, sha
   out = epath.Path(out)
   n = len(labels)
   count = math.ceil(n / shard_size)
-  devices = math.prod(gen.mesh.devices.shape)
-  per_call = generator_lib.round_up(min(batch, shard_size), devices)
+  per_call = draw.per_call(batch, shard_size, gen.mesh)  # fixed by --batch and --shard_size: the batch layout
   mine = [s for s in range(process_id, count, num_processes)]
   todo = [s for s in mine if not (out / shard_name(s, count)).exists()]
   logging.info("Process %d of %d: %d of its %d shards to write (%d images each)", process_id, num_processes,
@@ -214,12 +193,7 @@ def write_shards(gen: Generator, out: epath.PathLike, labels: np.ndarray, *, sha
   written, start_time, done_images = [], time.time(), 0
   for s in todo[:max_shards]:
     lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-    images = []
-    for b in range(lo, hi, per_call):
-      idx = np.arange(b, b + per_call)
-      real = idx[idx < hi]
-      images.append(gen.images(idx, labels[np.minimum(idx, n - 1)])[:len(real)])
-    images = np.concatenate(images)
+    images = np.concatenate([gen.images(idx, y)[:keep] for idx, y, keep in draw.calls(lo, hi, per_call, labels)])
     with paths.atomic_open(out / shard_name(s, count)) as f:
       np.savez(f, arr_0=images, labels=labels[lo:hi], index=np.arange(lo, hi))
     if png:
@@ -298,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--mode", default="ode", choices=flow.MODES)
   parser.add_argument("--shift", type=float, default=0.0)
   parser.add_argument("--cfg_scale", type=float, default=None, help="default: 1 for DiT, 2 for LlamaGen")
-  parser.add_argument("--cfg_interval", type=_floats, default=(0.0, 1.0))
+  parser.add_argument("--cfg_interval", type=_floats, default=(0.0, 1.0),
+                      help="lo,hi: guided iff lo <= p < hi for sampling progress p in [0, 1) (DiT: flow time; "
+                           "LlamaGen: token n / N); -1: always")
   parser.add_argument("--cfg_channels", type=int, default=0, help="DiT: 0 guides every channel; 3 the reference's")
   parser.add_argument("--latent_scale", type=float, default=0.0, help="DiT from a converted directory")
   parser.add_argument("--temperature", type=float, default=1.0)
@@ -332,16 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   module, _ = loading.load_model(args.model)
   kind = "dit" if isinstance(module, DiT) else "llamagen"
   cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if kind == "dit" else 2.0)
-  options = {"cfg_scale": cfg_scale, "cfg_interval": list(args.cfg_interval)}
+  options = {"cfg_scale": cfg_scale, "cfg_interval": args.cfg_interval}
   if kind == "dit":
-    options.update(steps=args.steps, method=args.method, mode=args.mode, shift=args.shift,
+    options.update(num_steps=args.steps, method=args.method, mode=args.mode, shift=args.shift,
                    cfg_channels=args.cfg_channels)
   else:
     options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    try:
-      autoregressive.validate_options(**{k: tuple(v) if k == "cfg_interval" else v for k, v in options.items()})
-    except ValueError as e:
-      parser.error(str(e))
+  try:
+    options = draw.options(module, options)
+  except ValueError as e:
+    parser.error(str(e))
   num_classes = args.num_classes or module.num_classes
   if not 1 <= num_classes <= module.num_classes:
     parser.error(f"--num_classes={num_classes} must be in [1, {module.num_classes}] (the model's classes).")

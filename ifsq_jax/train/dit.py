@@ -22,7 +22,6 @@ B batch, H W image size, h w latent size, C latent channels, N tokens.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -31,17 +30,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from ifsq_jax import config_lib, parallel
-from ifsq_jax.data import code_shards
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.models import dit as dit_lib
-from ifsq_jax.nets import repa
+from ifsq_jax.nets import repa  # noqa: F401  (GeneratorTrainer loads the target; tests patch it as dit.repa)
 from ifsq_jax.objectives import transport
 from ifsq_jax.sampling import flow
 from ifsq_jax.train import generator, loop
-from ifsq_jax.train import state as state_lib
 
 QUICKSTART_TOKENIZER = generator.QUICKSTART_TOKENIZER
 set_repa = generator.set_repa
@@ -80,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample.shift = 0.0  # timestep shift of the sampling grid (0: none)
   c.sample.cfg_scale = 1.0
   c.sample.cfg_channels = 0  # 0: guide every channel; 3: the reference's channels 0-2 only
-  c.sample.cfg_interval = (0.0, 1.0)
+  c.sample.cfg_interval = (0.0, 1.0)  # guided iff lo <= t < hi (flow time, 0 noise -> 1 data): always
   c.train.global_batch_size = 1024
   c.train.num_steps = 100_000
   c.train.log_every = 100
@@ -97,16 +93,13 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _error(message: str) -> config_lib.ConfigError:
-  return config_lib.ConfigError(message)
-
-
 class DiTTrainer(generator.GeneratorTrainer):
   """Flow matching with REPA on the frozen tokenizer's latents."""
 
+  model_class = dit_lib.DiT
+
   @classmethod
-  def validate(cls, config):
-    generator.validate_generator(config, config.model.depth)
+  def validate_task(cls, config):
     config_lib.require_choice(config, "transport.time_kind", transport.TIME_KINDS)
     config_lib.require_choice(config, "sample.method", flow.METHODS)
     config_lib.require_choice(config, "sample.mode", flow.MODES)
@@ -114,76 +107,32 @@ class DiTTrainer(generator.GeneratorTrainer):
     config_lib.require_choice(config, "model.remat_policy", dit_lib.REMAT_POLICIES)
     m = config.model
     if config.latent.scale < 0 or config.latent.scale_batches < 1:
-      raise _error(f"config.latent.scale={config.latent.scale} must be >= 0 (0: measure) and "
-                   f"config.latent.scale_batches={config.latent.scale_batches} >= 1.")
-    if config.sample.num_steps < 1:
-      raise _error(f"config.sample.num_steps={config.sample.num_steps} must be >= 1.")
-    if config.sample.cfg_channels < 0 or config.sample.cfg_channels > m.in_channels:
-      raise _error(f"config.sample.cfg_channels={config.sample.cfg_channels} must be in [0, {m.in_channels}] "
-                   "(0: every channel).")
-    lo, hi = config.sample.cfg_interval
-    if not 0 <= lo <= hi <= 1:
-      raise _error(f"config.sample.cfg_interval={tuple(config.sample.cfg_interval)} must be (lo, hi) with "
-                   "0 <= lo <= hi <= 1.")
+      raise config_lib.ConfigError(f"config.latent.scale={config.latent.scale} must be >= 0 (0: measure) and "
+                                   f"config.latent.scale_batches={config.latent.scale_batches} >= 1.")
     if m.input_size % m.patch_size or m.hidden_size % m.num_heads:
-      raise _error(f"config.model: patch_size={m.patch_size} must divide input_size={m.input_size} and "
-                   f"num_heads={m.num_heads} must divide hidden_size={m.hidden_size}.")
+      raise config_lib.ConfigError(f"config.model: patch_size={m.patch_size} must divide input_size={m.input_size} "
+                                   f"and num_heads={m.num_heads} must divide hidden_size={m.hidden_size}.")
 
-  def __init__(self, config, mesh):
-    super().__init__(config, mesh)
-    c = config
-    self.dtype = jnp.bfloat16 if c.train.compute_dtype == "bfloat16" else jnp.float32
-    self.tokenizer = generator.open_tokenizer(c, self.dtype)
-    self.num_classes = c.model.num_classes
+  def make_module(self):
+    c = self.config
     tc = self.tokenizer.config
     factor = tc.downsample_factor
     if c.model.in_channels != tc.embed_dim or c.model.input_size * factor != c.data.image_size:
-      raise _error(f"config.model (in_channels={c.model.in_channels}, input_size={c.model.input_size}) does not "
-                   f"fit the tokenizer's latents of {c.data.image_size}px images: {tc.embed_dim} channels, "
-                   f"{c.data.image_size // factor} x {c.data.image_size // factor}.")
-    self.module = dit_lib.DiT(**c.model.to_dict(), dtype=self.dtype)
-    self.grid = c.model.input_size // c.model.patch_size
-    self.target = repa.load_target(c.repa.target, c.repa.path)
-    generator.log_repa(self.target, self.grid, c.model.encoder_depth, c.repa.coef)
-    self.tx = state_lib.make_optimizer(c.optimizer, c.train.num_steps)
+      raise config_lib.ConfigError(
+          f"config.model (in_channels={c.model.in_channels}, input_size={c.model.input_size}) does not fit the "
+          f"tokenizer's latents of {c.data.image_size}px images: {tc.embed_dim} channels, "
+          f"{c.data.image_size // factor} x {c.data.image_size // factor}.")
     self.latent_shape = (c.model.input_size, c.model.input_size, c.model.in_channels)
+    return dit_lib.DiT(**c.model.to_dict(), dtype=self.dtype), c.model.input_size // c.model.patch_size
 
-  # ------------------------------------------------------------------ data
+  def example_inputs(self):
+    return dit_lib.example_inputs(self.module)
 
-  def train_data(self, process_index, process_count):
-    c = self.config
-    if c.data.codes_dir:
-      source = code_shards.CodeShardSource(c.data.codes_dir)
-      if tuple(source.codes_shape) != self.latent_shape:
-        raise _error(f"the codes in {c.data.codes_dir} are {tuple(source.codes_shape)}, the model expects "
-                     f"{self.latent_shape}.")
-      # The shards keep codes in float16 (exact for k / (L // 2)).
-      example = pipeline_lib.code_example(c.data.code_flip, keys=("codes",), dtypes={"codes": np.float32})
-      data = pipeline_lib.train_pipeline(c, source, example, process_index, process_count)
-    else:
-      data = pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
-                                         process_count=process_count)
-    if data.source.num_classes > c.model.num_classes:
-      raise _error(f"{data.source.name} has {data.source.num_classes} classes but config.model.num_classes="
-                   f"{c.model.num_classes}.")
-    return data
+  def code_input(self):
+    return "codes", self.latent_shape, np.float32
 
-  def batch_shapes(self):
-    c = self.config
-    b = c.train.global_batch_size
-    shapes = {"label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-    if c.data.codes_dir:
-      shapes["codes"] = jax.ShapeDtypeStruct((b,) + self.latent_shape, jnp.float32)
-    else:
-      s = c.data.image_size
-      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)  # made float inside the step
-    return shapes
-
-  def frozen(self):
-    out = {"tokenizer": self.tokenizer.variables}
-    if self.target is not None:
-      out["repa"] = self.target.params
-    return out
+  def trainable(self, params):
+    return dit_lib.trainable_mask(params)  # the fixed sin-cos table never moves (weight decay included)
 
   def _codes(self, batch, frozen):
     """The batch's FSQ codes (B, h, w, C) float32, from the images through the frozen tokenizer or as read."""
@@ -194,18 +143,8 @@ class DiTTrainer(generator.GeneratorTrainer):
   # ----------------------------------------------------------------- state
 
   def init_state(self, rng):
-    c = self.config
-    k_params, k_drop = jax.random.split(rng)
-    x = jnp.zeros((1,) + self.latent_shape)
-    params = self.module.init({"params": k_params, "dropout": k_drop}, x, jnp.zeros((1,)),
-                              jnp.zeros((1,), jnp.int32))["params"]
-    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                                ema_params=jax.tree.map(jnp.copy, params),
-                                extra={"latent_scale": jnp.asarray(c.latent.scale, jnp.float32)})
-
-  def init_from(self, state, path):
-    """Params and EMA from a converted DiT (``python -m ifsq_jax.convert dit``) or a DiT checkpoint."""
-    return generator.init_from_converted(self, state, path, "dit", super().init_from)
+    state = super().init_state(rng)
+    return state.replace(extra={"latent_scale": jnp.asarray(self.config.latent.scale, jnp.float32)})
 
   def prepare(self, state, data, frozen):
     """Measures the latent scale (1 / std of the codes) on the first training batches, unless it is set."""
@@ -236,81 +175,25 @@ class DiTTrainer(generator.GeneratorTrainer):
       (self.workdir / "latent.json").write_text(json.dumps(
           {"latent_scale": scale, "code_mean": mean, "code_std": std, "images": count}, indent=2))
 
-  # ----------------------------------------------------------------- steps
+  # -------------------------------------------------------------- objective
 
-  def loss_and_grads(self, params, batch, rng, frozen, scale):
-    """Loss, gradients and metrics of one (micro-)batch."""
+  def loss(self, params, batch, rng, frozen, extra):
+    """Velocity MSE (+ cosine) + ``repa.coef`` x REPA on the batch's codes scaled by the latent scale."""
     c = self.config
-    x1 = self._codes(batch, frozen) * scale
+    x1 = self._codes(batch, frozen) * extra["latent_scale"]
     target = None
     if self.target is not None:
       target = self.target.features(frozen["repa"], batch["image"], self.grid)
     k_loss, k_drop = jax.random.split(rng)
 
-    def loss_fn(p):
-      def velocity(x, t, y):
-        return self.module.apply({"params": p}, x, t, y, train=True, return_repa=target is not None,
-                                 rngs={"dropout": k_drop})
+    def velocity(x, t, y):
+      return self.module.apply({"params": params}, x, t, y, train=True, return_repa=target is not None,
+                               rngs={"dropout": k_drop})
 
-      return transport.flow_matching_loss(
-          velocity, k_loss, x1, batch["label"], repa_target=target, proj_coef=c.repa.coef,
-          use_cosine_loss=c.transport.use_cosine_loss, time_kind=c.transport.time_kind, mu=c.transport.mu,
-          sigma=c.transport.sigma, shift=c.transport.shift)
-
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return {"loss": loss, "grads": grads, "metrics": terms}
-
-  def train_steps(self):
-    c = self.config
-
-    def step(state, batch, key, frozen):
-      scale = state.extra["latent_scale"]
-      out, _ = state_lib.accumulate(
-          lambda mb, r, carry: (self.loss_and_grads(state.params, mb, r, frozen, scale), carry), batch, key,
-          c.train.grad_accum_steps)
-      loss, grads = out["loss"], out["grads"]
-      norm = optax.tree.norm(grads)
-
-      def update(s):
-        updates, opt = self.tx.update(grads, s.opt_state, s.params)
-        keep = dit_lib.trainable_mask(s.params)  # the fixed sin-cos table never moves (weight decay included)
-        updates = jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, keep)
-        params = optax.apply_updates(s.params, updates)
-        return s.replace(params=params, opt_state=opt,
-                         ema_params=state_lib.ema_update(s.ema_params, params, c.train.ema_decay))
-
-      new, nonfinite = state_lib.apply_if_finite(state, loss, norm, update)
-      return new, {**out["metrics"], "loss": loss, "grad_norm": norm, "latent_scale": scale,
-                   "nonfinite": nonfinite}
-
-    return {"train": step}
-
-  # ------------------------------------------------------------- sampling
-
-  @functools.cached_property
-  def _generate(self):
-    """jit: (EMA params, tokenizer variables, noise (B, h, w, C), labels (B,), scale, key) -> images (B, H, W, 3)."""
-    s = self.config.sample
-    null = self.config.model.num_classes
-
-    def generate(params, tok, noise, labels, scale, key):
-      velocity = lambda x, t, y: self.module.apply({"params": params}, x, t, y)
-      z = flow.sample(velocity, noise, labels, num_steps=s.num_steps, method=s.method, mode=s.mode, shift=s.shift,
-                      cfg_scale=s.cfg_scale, null_label=null, cfg_channels=s.cfg_channels or None,
-                      cfg_interval=tuple(s.cfg_interval), key=key)
-      return self.tokenizer.model.apply(tok, (z / scale).astype(jnp.float32), method=lambda m, c: m.decode(c))
-
-    batch = parallel.batch_sharding(self.mesh, 4)
-    return jax.jit(generate, out_shardings=batch)
-
-  def sample_batch(self, state, indices, labels, seed):
-    """Images of samples ``indices``: the noise of sample i is drawn from (seed, i) alone."""
-    noise = np.stack([np.random.default_rng([seed, int(i)]).standard_normal(self.latent_shape, np.float32)
-                      for i in indices])
-    key = jax.random.fold_in(jax.random.key(seed), int(indices[0]))
-    images = self._generate(state.ema_params, self.tokenizer_on_devices, generator.global_array(noise, self.mesh),
-                            labels, state.extra["latent_scale"], key)
-    return {"images": images}
+    return transport.flow_matching_loss(
+        velocity, k_loss, x1, batch["label"], repa_target=target, proj_coef=c.repa.coef,
+        use_cosine_loss=c.transport.use_cosine_loss, time_kind=c.transport.time_kind, mu=c.transport.mu,
+        sigma=c.transport.sigma, shift=c.transport.shift)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):

@@ -1,41 +1,65 @@
-"""What the DiT and LlamaGen trainers share: the frozen tokenizer and REPA target, and sample evaluation.
+"""What the DiT and LlamaGen trainers share: :class:`GeneratorTrainer` and the generator config fields.
 
-A generator trainer (:class:`GeneratorTrainer`) opens the frozen tokenizer
-(``config.tokenizer``) and REPA target (``config.repa``), and evaluates its EMA
-weights on class-balanced samples: sample i has label ``i % num_classes``, the
-samples are scored by :class:`~ifsq_jax.train.sample_eval.SampleEvaluator`
-(``fd_vgg16``, FID with Inception weights), and the first ``eval.grid_classes``
-classes' samples become the per-class image grid. A subclass implements
-:meth:`GeneratorTrainer.sample_batch` (one sharded batch of samples) and may add
-metrics of the samples in :meth:`GeneratorTrainer.sample_metrics`.
+A generator trains on a frozen tokenizer (``config.tokenizer``) with REPA
+(``config.repa``). :class:`GeneratorTrainer` owns everything but the model:
+
+* **data**: the training images, or codes / indices extracted by
+  ``python -m ifsq_jax.tools.extract`` (``data.codes_dir``);
+* **frozen networks**: the tokenizer and the REPA target, placed on the devices
+  once by the loop (:attr:`~ifsq_jax.train.loop.Trainer.frozen_on_devices`) and
+  passed to every step and to the sampling program as arguments;
+* **the step**: gradients of the subclass's :meth:`GeneratorTrainer.loss`
+  (accumulated over micro-batches), the optimizer update (of the params
+  :meth:`GeneratorTrainer.trainable` marks), EMA and the non-finite guard;
+* **config errors** (``config_lib.ConfigError``, naming key, value and what is valid);
+* **evaluation**: class-balanced samples of the EMA weights (sample i has
+  label ``i % num_classes``), drawn by :mod:`ifsq_jax.sampling.draw` (as
+  ``tools.sample`` draws them) with the ``config.sample`` options, scored by
+  :class:`~ifsq_jax.train.sample_eval.SampleEvaluator` (``fd_vgg16``; FID and
+  more with Inception weights) and :meth:`GeneratorTrainer.sample_metrics`; the
+  first ``eval.grid_classes`` classes' samples become the image grid.
+
+A subclass (``train/dit.py``, ``train/llamagen.py``) holds its objective, its
+model fields and its sampler options: :attr:`model_class`, :meth:`validate_task`,
+:meth:`make_module`, :meth:`example_inputs`, :meth:`code_input`, :meth:`loss` and, where needed,
+:meth:`tokenizer_groups`, :meth:`trainable` and :meth:`sample_metrics`.
 
 B batch, H W image size.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
-import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from ifsq_jax import config_lib, parallel, shapes_only
+from ifsq_jax import config_lib, shapes_only
+from ifsq_jax.data import code_shards
+from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.models.pretrained import LoadedTokenizer, load_tokenizer
 from ifsq_jax.nets import repa
+from ifsq_jax.sampling import draw
 from ifsq_jax.train import loop, sample_eval
+from ifsq_jax.train import state as state_lib
 
 QUICKSTART_TOKENIZER = "out/quickstart"
 MAKE_QUICKSTART_TOKENIZER = "python -m ifsq_jax.main --config=configs/quickstart.py --workdir=out/quickstart"
 
 
 def add_generator_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The fields every generator config has: ``tokenizer``, ``repa.*``, ``sample.batch_size`` and ``eval.*``."""
+  """The fields every generator config has: ``tokenizer``, ``repa.*``, ``sample.batch_size`` and ``eval.*``.
+
+  ``sample.*`` also holds the sampler options of :mod:`ifsq_jax.sampling.draw`
+  (the task adds them); ``sample.cfg_interval`` = (lo, hi) guides the model
+  evaluations at sampling progress p with ``lo <= p < hi`` (DiT: the flow time;
+  LlamaGen: token n / N), :mod:`ifsq_jax.sampling.guidance`.
+  """
   c.tokenizer = ""  # a tokenizer work dir or converted directory (required)
   c.repa = ml_collections.ConfigDict()
   c.repa.target = "dinov2"  # see ifsq_jax.nets.repa.TARGETS
@@ -58,132 +82,257 @@ def set_repa(c: ml_collections.ConfigDict, target: str, path: str = "") -> None:
   c.model.z_dim = repa.target_dim(target, path)
 
 
-def _error(message: str) -> config_lib.ConfigError:
-  return config_lib.ConfigError(message)
+def sample_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The sampler options of ``config.sample`` (every field but ``batch_size``)."""
+  return {k: v for k, v in config.sample.to_dict().items() if k != "batch_size"}
+
+
+def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
 
 
 def validate_generator(config: ml_collections.ConfigDict, depth: int) -> None:
   """Checks the shared fields; ``depth`` bounds ``model.encoder_depth`` (the REPA tap)."""
+  error = config_lib.ConfigError
   config_lib.validate_image_data(config)
   config_lib.require_choice(config, "repa.target", repa.TARGETS)
   m, r = config.model, config.repa
   if not config.tokenizer:
-    raise _error("config.tokenizer is empty: name a tokenizer work dir or converted directory (for the "
-                 f"quickstart tokenizer: {MAKE_QUICKSTART_TOKENIZER}; with --compile_only, a tokenizer config "
-                 "file such as configs/ifsq_f16_d4.py also does).")
+    raise error("config.tokenizer is empty: name a tokenizer work dir or converted directory (for the quickstart "
+                f"tokenizer: {MAKE_QUICKSTART_TOKENIZER}; with --compile_only, a tokenizer config file such as "
+                "configs/ifsq_f16_d4.py also does).")
   if r.target == "dinov2" and not r.path and not shapes_only.active():
-    raise _error("config.repa.path is empty: the dinov2 REPA target needs converted DINOv2 weights "
-                 "(python -m ifsq_jax.convert dinov2 --checkpoint dinov2_vitb14.pth --out DIR); "
-                 "config.repa.target='vgg16' ships with the package, 'none' turns REPA off.")
+    raise error("config.repa.path is empty: the dinov2 REPA target needs converted DINOv2 weights "
+                "(python -m ifsq_jax.convert dinov2 --checkpoint dinov2_vitb14.pth --out DIR); "
+                "config.repa.target='vgg16' ships with the package, 'none' turns REPA off.")
   try:
     want = repa.target_dim(r.target, r.path)
   except ValueError as e:
-    raise _error(f"config.repa.path={r.path!r}: {e}") from None
+    raise error(f"config.repa.path={r.path!r}: {e}") from None
   if m.z_dim != want:
-    raise _error(f"config.model.z_dim={m.z_dim} but the REPA target {r.target!r} gives {want}-d features "
-                 "(0 without REPA); set both with set_repa(config, target, path).")
+    raise error(f"config.model.z_dim={m.z_dim} but the REPA target {r.target!r} gives {want}-d features (0 without "
+                "REPA); set both with set_repa(config, target, path).")
   if r.target != "none" and not 1 <= m.encoder_depth <= depth:
-    raise _error(f"config.model.encoder_depth={m.encoder_depth} must be in [1, depth={depth}].")
+    raise error(f"config.model.encoder_depth={m.encoder_depth} must be in [1, depth={depth}].")
   if r.target != "none" and config.data.codes_dir:
-    raise _error("REPA needs the images (its targets are computed from them) but config.data.codes_dir reads "
-                 "codes only; train from images or set config.repa.target='none'.")
+    raise error("REPA needs the images (its targets are computed from them) but config.data.codes_dir reads codes "
+                "only; train from images or set config.repa.target='none'.")
   if config.eval.num_samples < 2 or config.sample.batch_size < 1:
-    raise _error(f"config.eval.num_samples={config.eval.num_samples} must be >= 2 and config.sample.batch_size="
-                 f"{config.sample.batch_size} >= 1.")
+    raise error(f"config.eval.num_samples={config.eval.num_samples} must be >= 2 and config.sample.batch_size="
+                f"{config.sample.batch_size} >= 1.")
 
 
 def open_tokenizer(config: ml_collections.ConfigDict, dtype: Any,
                    group_sizes: tuple[int, ...] | None = None) -> LoadedTokenizer:
-  """The frozen tokenizer of ``config.tokenizer``; ``group_sizes`` re-splits its FSQ indices into groups.
-
-  Index groups change only the index arithmetic (codes <-> indices), not the
-  network, so one trained tokenizer serves single and factorized generators, as
-  the reference's ``factorized_bits`` override does.
-  """
+  """The frozen tokenizer of ``config.tokenizer``; ``group_sizes`` re-splits its FSQ indices (:func:`draw.regroup`)."""
   path = config.tokenizer
   try:
     tokenizer = load_tokenizer(path, dtype=dtype)
   except (FileNotFoundError, ValueError) as e:
     hint = f" Make it with: {MAKE_QUICKSTART_TOKENIZER}" if path.rstrip("/") == QUICKSTART_TOKENIZER else ""
-    raise _error(f"config.tokenizer={path!r} cannot be opened: {e}{hint}") from None
+    raise config_lib.ConfigError(f"config.tokenizer={path!r} cannot be opened: {e}{hint}") from None
   if group_sizes:
     try:
-      tokenizer = regroup(tokenizer, group_sizes)
+      tokenizer = draw.regroup(tokenizer, group_sizes)
     except ValueError as e:
-      raise _error(f"config.tokens.group_sizes={tuple(group_sizes)}: {e}") from None
+      raise config_lib.ConfigError(f"config.tokens.group_sizes={tuple(group_sizes)}: {e}") from None
   return tokenizer
 
 
-def regroup(tokenizer: LoadedTokenizer, group_sizes: tuple[int, ...]) -> LoadedTokenizer:
-  """The tokenizer with its FSQ indices split into ``group_sizes`` channel groups (same network, same codes)."""
-  tc = tokenizer.config
-  if tc.bottleneck not in ("ifsq", "fsq"):
-    raise ValueError(f"index groups split FSQ indices, but this tokenizer has a {tc.bottleneck!r} bottleneck.")
-  try:
-    regrouped = dataclasses.replace(tc, group_sizes=tuple(group_sizes))
-    regrouped.fsq  # pylint: disable=pointless-statement  (builds the quantizer: checks the groups)
-  except ValueError as e:
-    raise ValueError(f"group sizes {tuple(group_sizes)} do not fit the tokenizer's {len(tc.levels)} FSQ channels "
-                     f"(levels {tuple(tc.levels)}): {e}") from None
-  return LoadedTokenizer(regrouped, tokenizer.variables, tokenizer.model.dtype)
+def tokenizer_codes(tokenizer: LoadedTokenizer, variables: Any, images: jax.Array) -> jax.Array:
+  """FSQ codes (B, h, w, C) float32 of images (B, H, W, 3), without gradient."""
+  codes = tokenizer.model.apply(variables, images, method=lambda m, x: m.encode(x).codes)
+  return jax.lax.stop_gradient(codes.astype(jnp.float32))
 
 
 class GeneratorTrainer(loop.Trainer):
-  """A generator on a frozen tokenizer, evaluated on class-balanced EMA samples (see the module docstring).
+  """A generator on a frozen tokenizer, with REPA, evaluated on class-balanced EMA samples (see the module doc).
 
-  Subclasses set ``self.tokenizer`` and ``self.num_classes`` and implement
-  :meth:`sample_batch`.
+  Attributes:
+    model_class: The subclass's model (DiT or LlamaGen); it decides the sampler.
+    module: The model, as :meth:`make_module` builds it.
+    grid: Side of the token / patch grid the REPA target's features are pooled to.
+    tokenizer: The frozen tokenizer (host variables; the steps take the copy on the devices).
+    target: The REPA target, or None without REPA.
   """
 
-  tokenizer: LoadedTokenizer
-  num_classes: int
+  model_class: type[nn.Module]
 
-  def __init__(self, config, mesh):
-    super().__init__(config, mesh)
-    self.evaluator = sample_eval.SampleEvaluator(config)
-    self._grid = None  # (step, per-class rows) of the last evaluation's samples
+  # ------------------------------------------------------- what a task provides
 
-  def sample_batch(self, state, indices: np.ndarray, labels: jax.Array, seed: int) -> dict[str, jax.Array]:
-    """Samples for global sample ``indices`` (B,) with ``labels`` (B,) batch-sharded.
+  @classmethod
+  def validate_task(cls, config: ml_collections.ConfigDict) -> None:
+    """Checks the task's own fields (the shared ones and the sampler options are checked by :meth:`validate`)."""
+    del config
 
-    Returns batch-sharded arrays: ``images`` (B, H, W, 3) in [-1, 1] (not
-    clipped) and anything :meth:`sample_metrics` reads. Sample i must depend
-    on (seed, i) and the weights only, so that evaluations at different steps
-    start from the same randomness.
-    """
+  def tokenizer_groups(self) -> tuple[int, ...]:
+    """Index groups to re-split the tokenizer's FSQ indices into (() keeps its own)."""
+    return ()
+
+  def make_module(self) -> tuple[nn.Module, int]:
+    """(the model of ``config.model``, its REPA grid side); raises ConfigError if the tokenizer does not fit it."""
     raise NotImplementedError
+
+  def example_inputs(self) -> tuple[np.ndarray, ...]:
+    """Zero inputs of the shapes :attr:`module` takes (for ``init``)."""
+    raise NotImplementedError
+
+  def code_input(self) -> tuple[str, tuple[int, ...], Any]:
+    """What an example of extracted shards gives the step: (key, shape per example, dtype)."""
+    raise NotImplementedError
+
+  def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, frozen: Any,
+           extra: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of one (micro-)batch; ``frozen`` the devices' copy of :meth:`frozen`, ``extra`` the state's."""
+    raise NotImplementedError
+
+  def trainable(self, params: Any) -> Any | None:
+    """A tree of bools like ``params`` (False: never updated, weight decay included), or None for all."""
+    del params
+    return None
 
   def sample_metrics(self, state, samples: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
     """Extra metrics of an evaluation's samples (host arrays, every process holds all of them)."""
     del state, samples, labels
     return {}
 
-  @functools.cached_property
-  def tokenizer_on_devices(self) -> Any:
-    """The tokenizer's variables, replicated over the mesh (made once)."""
-    return parallel.replicate(self.tokenizer.variables, self.mesh)
+  # ------------------------------------------------------------ shared parts
+
+  @classmethod
+  def validate(cls, config):
+    validate_generator(config, config.model.depth)
+    cls.validate_task(config)
+    try:
+      draw.options(cls.model_class(**_model_fields(config)), sample_options(config))
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.sample: {e}") from None
+
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh)
+    c = config
+    self.evaluator = sample_eval.SampleEvaluator(c)
+    self._grid_rows = None  # (step, per-class rows) of the last evaluation's samples
+    self.dtype = jnp.bfloat16 if c.train.compute_dtype == "bfloat16" else jnp.float32
+    self.tokenizer = open_tokenizer(c, self.dtype, self.tokenizer_groups() or None)
+    self.num_classes = c.model.num_classes
+    self.module, self.grid = self.make_module()
+    self.target = repa.load_target(c.repa.target, c.repa.path)
+    logging.info("REPA target: %s", "none (REPA off)" if self.target is None else
+                 f"{self.target.name}, {self.target.dim}-d features on a {self.grid}x{self.grid} grid after block "
+                 f"{c.model.encoder_depth}, coefficient {c.repa.coef}")
+    self.tx = state_lib.make_optimizer(c.optimizer, c.train.num_steps)
+
+  def train_data(self, process_index, process_count):
+    c = self.config
+    if c.data.codes_dir:
+      source = code_shards.CodeShardSource(c.data.codes_dir)
+      key, shape, dtype = self.code_input()
+      if key not in source.keys:
+        raise config_lib.ConfigError(f"the shards in {c.data.codes_dir} hold {source.keys}, but this run's tokens "
+                                     f"come from {key!r}.")
+      if key == "codes" and tuple(source.codes_shape) != shape:
+        raise config_lib.ConfigError(f"the codes in {c.data.codes_dir} are {tuple(source.codes_shape)}; the "
+                                     f"tokenizer and model of this run take {shape}.")
+      # The shards keep codes in float16 (exact for k / (L // 2)).
+      example = pipeline_lib.code_example(c.data.code_flip, keys=(key,), dtypes={key: dtype})
+      data = pipeline_lib.train_pipeline(c, source, example, process_index, process_count)
+    else:
+      data = pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
+                                         process_count=process_count)
+    if data.source.num_classes > c.model.num_classes:
+      raise config_lib.ConfigError(f"{data.source.name} has {data.source.num_classes} classes but "
+                                   f"config.model.num_classes={c.model.num_classes}.")
+    return data
+
+  def batch_shapes(self):
+    c = self.config
+    b = c.train.global_batch_size
+    shapes = {"label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    if c.data.codes_dir:
+      key, shape, dtype = self.code_input()
+      shapes[key] = jax.ShapeDtypeStruct((b,) + shape, dtype)
+    else:
+      s = c.data.image_size
+      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)  # made float inside the step
+    return shapes
+
+  def frozen(self):
+    out = {"tokenizer": self.tokenizer.variables}
+    if self.target is not None:
+      out["repa"] = self.target.params
+    return out
+
+  def init_state(self, rng):
+    k_params, k_drop = jax.random.split(rng)
+    params = self.module.init({"params": k_params, "dropout": k_drop}, *self.example_inputs())["params"]
+    return state_lib.create_state(params, self.tx, extra={})
+
+  def init_from(self, state, path):
+    """Params and EMA from a converted model (``python -m ifsq_jax.convert {task}``), else a checkpoint of the task.
+
+    A converted directory must hold the same architecture as ``config.model``
+    (dropout, remat and attention fields may differ): its params replace both
+    the params and the EMA.
+    """
+    from ifsq_jax.models import loading  # pylint: disable=g-import-not-at-top
+    if not loading.is_converted(path):
+      return super().init_from(state, path)
+    module, params = loading.load_model(path)
+    mine = type(self.module).__name__
+    if type(module) is not type(self.module):  # pylint: disable=unidiomatic-typecheck
+      raise config_lib.ConfigError(f"config.checkpoint.init_from={path!r} holds a converted "
+                                   f"{type(module).__name__}, not a {mine}.")
+    shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
+    if shapes(state.params) != shapes(params):
+      fields = ", ".join(f"{k}={getattr(module, k)!r}" for k in ("depth", "hidden_size", "num_heads", "scan_layers")
+                         if hasattr(module, k))
+      raise config_lib.ConfigError(f"config.checkpoint.init_from={path!r} holds a {mine} ({fields}) whose params do "
+                                   f"not match config.model ({mine} params of other names or shapes); set "
+                                   "config.model to its architecture.")
+    placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s.sharding), params, state.params)
+    logging.info("Initialised params and EMA from the converted %s in %s", mine, path)
+    return state.replace(params=placed, ema_params=jax.tree.map(jnp.copy, placed))
+
+  def train_steps(self):
+    c = self.config
+
+    def step(state, batch, key, frozen):
+      loss, metrics, grads = state_lib.accumulate_gradients(
+          lambda p, mb, r: self.loss(p, mb, r, frozen, state.extra), state.params, batch, key,
+          c.train.grad_accum_steps)
+      norm = optax.tree.norm(grads)
+
+      def update(s):
+        updates, opt = self.tx.update(grads, s.opt_state, s.params)
+        keep = self.trainable(s.params)
+        if keep is not None:
+          updates = jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, keep)
+        params = optax.apply_updates(s.params, updates)
+        return s.replace(params=params, opt_state=opt,
+                         ema_params=state_lib.ema_update(s.ema_params, params, c.train.ema_decay))
+
+      new, nonfinite = state_lib.apply_if_finite(state, loss, norm, update)
+      # state.extra holds what the run measured once (the DiT's latent scale): logged beside the losses.
+      return new, {**metrics, **state.extra, "loss": loss, "grad_norm": norm, "nonfinite": nonfinite}
+
+    return {"train": step}
+
+  # -------------------------------------------------------------- sampling
+
+  def decoder(self, state) -> draw.Decoder:
+    """The tokenizer as the sampler decodes with it: the copy already on the devices, never a second one."""
+    return draw.Decoder(self.tokenizer.model, self.frozen_on_devices["tokenizer"], state.extra.get("latent_scale"))
 
   def sample_all(self, state, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Everything :meth:`sample_batch` returns, for ``labels`` (N,), on every process (host arrays, N rows)."""
+    """Samples 0..N-1 of the EMA weights with ``labels`` (N,): images (N, H, W, 3) and tokens or latents (host)."""
     c = self.config
     n = len(labels)
-    per_call = round_up(min(c.sample.batch_size, n), batch_devices(self.mesh))
-    out: dict[str, list[np.ndarray]] = {}
-    for start in range(0, n, per_call):
-      idx = np.arange(start, start + per_call)
-      y = np.asarray(labels)[np.minimum(idx, n - 1)].astype(np.int32)
-      with parallel.sharding_context(self.mesh, c.mesh.rules):
-        batch = self.sample_batch(state, idx, global_array(y, self.mesh), seed)
-      for k, v in batch.items():
-        out.setdefault(k, []).append(to_host(v)[:max(0, min(per_call, n - start))])
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-  def samples(self, state, labels: np.ndarray, seed: int) -> np.ndarray:
-    """Images (N, H, W, 3) in [-1, 1] (not clipped) from the EMA weights for ``labels`` (N,), on every process."""
-    return self.sample_all(state, labels, seed)["images"]
+    return draw.draw_range(self.module, state.ema_params, labels, 0, n, seed, sample_options(c),
+                           batch=draw.per_call(c.sample.batch_size, n, self.mesh), mesh=self.mesh,
+                           rules=c.mesh.rules, decoder=self.decoder(state))
 
   def evaluate(self, state, step):
-    """``fd_vgg16`` (FID with Inception weights, and :meth:`sample_metrics`) of ``eval.num_samples`` samples."""
+    """``fd_vgg16`` (FID and more with Inception weights, and :meth:`sample_metrics`) of ``eval.num_samples``."""
     c = self.config
     labels = np.arange(c.eval.num_samples) % self.num_classes
     samples = self.sample_all(state, labels, seed=c.seed + 1)
@@ -191,82 +340,19 @@ class GeneratorTrainer(loop.Trainer):
     classes, per = self._grid_shape()
     if len(images) >= (per - 1) * self.num_classes + classes:  # sample i has class i % num_classes
       rows = [images[k::self.num_classes][:per] for k in range(classes)]
-      self._grid = (step, np.clip(np.stack(rows), -1, 1))
+      self._grid_rows = (step, np.clip(np.stack(rows), -1, 1))
     return {**self.evaluator.score(images), **self.sample_metrics(state, samples, labels)}
 
   def image_rows(self, state):
     """One row of samples per class (the first ``eval.grid_classes`` classes); an evaluation's when it has them."""
-    c = self.config
     step = int(jax.device_get(state.step))
-    if self._grid is not None and self._grid[0] == step:
-      return list(self._grid[1])
+    if self._grid_rows is not None and self._grid_rows[0] == step:
+      return list(self._grid_rows[1])
     classes, per = self._grid_shape()
     labels = np.repeat(np.arange(classes), per)
-    images = np.clip(self.samples(state, labels, seed=c.seed + 2), -1, 1)
+    images = np.clip(self.sample_all(state, labels, seed=self.config.seed + 2)["images"], -1, 1)
     return list(images.reshape((classes, per) + images.shape[1:]))
 
   def _grid_shape(self) -> tuple[int, int]:
     c = self.config
     return min(c.eval.grid_classes, self.num_classes), c.eval.grid_per_class
-
-
-def round_up(n: int, k: int) -> int:
-  return -(-n // k) * k
-
-
-def batch_devices(mesh) -> int:
-  """Devices the batch axis is split over."""
-  return math.prod(mesh.shape[a] for a in parallel.BATCH_AXES)
-
-
-def global_array(x: np.ndarray, mesh) -> jax.Array:
-  """A batch-sharded global array from the full host array (the same on every process)."""
-  sharding = parallel.batch_sharding(mesh, x.ndim)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """The full array on every process."""
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-def init_from_converted(trainer: loop.Trainer, state, path: str, kind: str, from_checkpoint) -> Any:
-  """``init_from`` of a generator: converted official weights (params and EMA), else ``from_checkpoint``.
-
-  A directory written by ``python -m ifsq_jax.convert {kind}`` must hold the
-  same architecture as ``config.model`` (dropout, remat and attention fields may
-  differ): its params replace both the params and the EMA.
-  """
-  from ifsq_jax.models import loading  # pylint: disable=g-import-not-at-top
-  if not loading.is_converted(path):
-    return from_checkpoint(state, path)
-  module, params = loading.load_model(path)
-  if type(module) is not type(trainer.module):  # pylint: disable=unidiomatic-typecheck
-    raise _error(f"config.checkpoint.init_from={path!r} holds a converted {type(module).__name__}, not a "
-                 f"{type(trainer.module).__name__}.")
-  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), state.params)
-  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
-  if want != got:
-    fields = ", ".join(f"{k}={getattr(module, k)!r}" for k in ("depth", "hidden_size", "num_heads", "scan_layers")
-                       if hasattr(module, k))
-    raise _error(f"config.checkpoint.init_from={path!r} holds a {type(module).__name__} ({fields}) whose params do "
-                 f"not match config.model ({kind} params of other names or shapes); set config.model to its "
-                 "architecture.")
-  placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s.sharding), params, state.params)
-  logging.info("Initialised params and EMA from the converted %s in %s", kind, path)
-  return state.replace(params=placed, ema_params=jax.tree.map(jnp.copy, placed))
-
-
-def log_repa(target: repa.RepaTarget | None, grid: int, depth: int, coef: float) -> None:
-  logging.info("REPA target: %s", "none (REPA off)" if target is None else
-               f"{target.name}, {target.dim}-d features on a {grid}x{grid} grid after block {depth}, "
-               f"coefficient {coef}")
-
-
-def tokenizer_codes(tokenizer: LoadedTokenizer, variables: Any, images: jax.Array) -> jax.Array:
-  """FSQ codes (B, h, w, C) float32 of images (B, H, W, 3), without gradient."""
-  codes = tokenizer.model.apply(variables, images, method=lambda m, x: m.encode(x).codes)
-  return jax.lax.stop_gradient(codes.astype(jnp.float32))

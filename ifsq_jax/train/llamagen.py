@@ -37,18 +37,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from ifsq_jax import config_lib, parallel
-from ifsq_jax.data import code_shards
-from ifsq_jax.data import pipeline as pipeline_lib
+from ifsq_jax import config_lib
 from ifsq_jax.eval.cknna import cknna
 from ifsq_jax.models import llamagen as llamagen_lib
 from ifsq_jax.nets import repa
 from ifsq_jax.objectives import autoregressive as objective
-from ifsq_jax.sampling import autoregressive as sampler
 from ifsq_jax.train import generator, loop
-from ifsq_jax.train import state as state_lib
 
 QUICKSTART_TOKENIZER = generator.QUICKSTART_TOKENIZER
 set_repa = generator.set_repa
@@ -77,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = model_fields("L")
   c.repa.coef = 2.0
   c.sample.cfg_scale = 1.0  # in-training evaluation (the reference's); the paper's samples use 2.0
-  c.sample.cfg_interval = (0.0, 1.0)  # tokens n with lo <= n / N < hi are guided
+  c.sample.cfg_interval = (0.0, 1.0)  # token n guided iff lo <= n / N < hi: always
   c.sample.temperature = 1.0
   c.sample.top_k = 0
   c.sample.top_p = 1.0
@@ -101,118 +96,71 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _error(message: str) -> config_lib.ConfigError:
-  return config_lib.ConfigError(message)
-
-
 class LlamaGenTrainer(generator.GeneratorTrainer):
   """Next-token prediction with REPA on the frozen tokenizer's indices."""
 
+  model_class = llamagen_lib.LlamaGen
+
   @classmethod
-  def validate(cls, config):
-    generator.validate_generator(config, config.model.depth)
+  def validate_task(cls, config):
     config_lib.require_choice(config, "model.attention_impl", tuple(llamagen_lib.ATTENTION_IMPLS))
     config_lib.require_choice(config, "model.remat_policy", llamagen_lib.REMAT_POLICIES)
-    m, s, e = config.model, config.sample, config.eval
+    m, e = config.model, config.eval
     fields = {k: v for k, v in m.to_dict().items()}
     fields["vocab_sizes"] = tuple(fields["vocab_sizes"])
     try:
       llamagen_lib.LlamaGen(**fields)._check()  # pylint: disable=protected-access
     except ValueError as err:
-      raise _error(f"config.model: {err}") from None
+      raise config_lib.ConfigError(f"config.model: {err}") from None
     weights = tuple(config.tokens.group_weights)
     if weights and len(weights) != len(m.vocab_sizes):
-      raise _error(f"config.tokens.group_weights={weights} must have one weight per token group "
-                   f"(config.model.vocab_sizes={tuple(m.vocab_sizes)}), or be () for all 1.")
-    try:
-      sampler.validate_options(cfg_scale=s.cfg_scale, cfg_interval=tuple(s.cfg_interval), temperature=s.temperature,
-                               top_k=s.top_k, top_p=s.top_p)
-    except ValueError as err:
-      raise _error(f"config.sample: {err}") from None
+      raise config_lib.ConfigError(f"config.tokens.group_weights={weights} must have one weight per token group "
+                                   f"(config.model.vocab_sizes={tuple(m.vocab_sizes)}), or be () for all 1.")
     if e.cknna and not 2 <= e.cknna_topk < e.cknna_batch <= e.num_samples:
-      raise _error(f"config.eval: CKNNA needs 2 <= cknna_topk ({e.cknna_topk}) < cknna_batch ({e.cknna_batch}) <= "
-                   f"num_samples ({e.num_samples}); or set config.eval.cknna=False.")
+      raise config_lib.ConfigError(f"config.eval: CKNNA needs 2 <= cknna_topk ({e.cknna_topk}) < cknna_batch "
+                                   f"({e.cknna_batch}) <= num_samples ({e.num_samples}); or set "
+                                   "config.eval.cknna=False.")
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    c = config
-    self.dtype = jnp.bfloat16 if c.train.compute_dtype == "bfloat16" else jnp.float32
-    self.tokenizer = generator.open_tokenizer(c, self.dtype, tuple(c.tokens.group_sizes) or None)
-    self.num_classes = c.model.num_classes
+    # CKNNA compares the layers with the REPA target, or with VGG16 (shipped) when REPA is off.
+    self.cknna_target = None
+    if config.eval.cknna:
+      self.cknna_target = self.target if self.target is not None else repa.load_target("vgg16")
+
+  def tokenizer_groups(self):
+    return tuple(self.config.tokens.group_sizes)
+
+  def make_module(self):
+    c = self.config
     tc = self.tokenizer.config
     grid = c.data.image_size // tc.downsample_factor
     vocab = tuple(int(v) for v in tc.index_sizes)
     if not vocab:
-      raise _error(f"config.tokenizer={c.tokenizer!r} has a {tc.bottleneck!r} bottleneck, which gives no indices; "
-                   "LlamaGen needs an FSQ, iFSQ or VQ tokenizer.")
+      raise config_lib.ConfigError(f"config.tokenizer={c.tokenizer!r} has a {tc.bottleneck!r} bottleneck, which "
+                                   "gives no indices; LlamaGen needs an FSQ, iFSQ or VQ tokenizer.")
     if tuple(c.model.vocab_sizes) != vocab or c.model.grid_size != grid:
-      raise _error(f"config.model (vocab_sizes={tuple(c.model.vocab_sizes)}, grid_size={c.model.grid_size}) does "
-                   f"not fit the tokenizer's indices of {c.data.image_size}px images"
-                   f"{' split by config.tokens.group_sizes=' + str(tuple(c.tokens.group_sizes)) if c.tokens.group_sizes else ''}"
-                   f": vocab_sizes={vocab}, grid_size={grid}.")
+      groups = tuple(c.tokens.group_sizes)
+      raise config_lib.ConfigError(
+          f"config.model (vocab_sizes={tuple(c.model.vocab_sizes)}, grid_size={c.model.grid_size}) does not fit the "
+          f"tokenizer's indices of {c.data.image_size}px images"
+          f"{' split by config.tokens.group_sizes=' + str(groups) if groups else ''}"
+          f": vocab_sizes={vocab}, grid_size={grid}.")
     fields = c.model.to_dict()
     fields["vocab_sizes"] = vocab
-    self.module = llamagen_lib.LlamaGen(**fields, dtype=self.dtype)
-    self.grid = grid
-    self.target = repa.load_target(c.repa.target, c.repa.path)
-    generator.log_repa(self.target, grid, c.model.encoder_depth, c.repa.coef)
-    # CKNNA compares the layers with the REPA target, or with VGG16 (shipped) when REPA is off.
-    self.cknna_target = None
-    if c.eval.cknna:
-      self.cknna_target = self.target if self.target is not None else repa.load_target("vgg16")
-    self.tx = state_lib.make_optimizer(c.optimizer, c.train.num_steps)
+    return llamagen_lib.LlamaGen(**fields, dtype=self.dtype), grid
 
-  # ------------------------------------------------------------------ data
+  def example_inputs(self):
+    return llamagen_lib.example_inputs(self.module)
 
   def _uses_codes(self) -> bool:
     """From extracted shards: FSQ indices are recomputed from the codes (any grouping); others are read."""
     return self.tokenizer.config.bottleneck in ("ifsq", "fsq")
 
-  def train_data(self, process_index, process_count):
-    c = self.config
-    if c.data.codes_dir:
-      source = code_shards.CodeShardSource(c.data.codes_dir)
-      key = "codes" if self._uses_codes() else "indices"
-      if key not in source.keys:
-        raise _error(f"the shards in {c.data.codes_dir} hold {source.keys}, but this tokenizer's tokens come from "
-                     f"{key!r}.")
-      tc = self.tokenizer.config
-      expect = (self.grid, self.grid, tc.embed_dim) if key == "codes" else None
-      if expect is not None and tuple(source.codes_shape) != expect:
-        raise _error(f"the codes in {c.data.codes_dir} are {tuple(source.codes_shape)}, the tokenizer gives "
-                     f"{expect}.")
-      # The shards keep codes in float16 (exact for k / (L // 2)).
-      example = pipeline_lib.code_example(c.data.code_flip, keys=(key,),
-                                          dtypes={key: np.float32 if key == "codes" else np.int32})
-      data = pipeline_lib.train_pipeline(c, source, example, process_index, process_count)
-    else:
-      data = pipeline_lib.build_pipeline(c, c.data.train_split, train=True, process_index=process_index,
-                                         process_count=process_count)
-    if data.source.num_classes > c.model.num_classes:
-      raise _error(f"{data.source.name} has {data.source.num_classes} classes but config.model.num_classes="
-                   f"{c.model.num_classes}.")
-    return data
-
-  def batch_shapes(self):
-    c = self.config
-    b = c.train.global_batch_size
-    shapes = {"label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-    if c.data.codes_dir:
-      tc = self.tokenizer.config
-      if self._uses_codes():
-        shapes["codes"] = jax.ShapeDtypeStruct((b, self.grid, self.grid, tc.embed_dim), jnp.float32)
-      else:
-        shapes["indices"] = jax.ShapeDtypeStruct((b, self.grid, self.grid), jnp.int32)
-    else:
-      s = c.data.image_size
-      shapes["image"] = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)  # made float inside the step
-    return shapes
-
-  def frozen(self):
-    out = {"tokenizer": self.tokenizer.variables}
-    if self.target is not None:
-      out["repa"] = self.target.params
-    return out
+  def code_input(self):
+    if self._uses_codes():
+      return "codes", (self.grid, self.grid, self.tokenizer.config.embed_dim), np.float32
+    return "indices", (self.grid, self.grid), np.int32
 
   def tokens(self, batch, frozen) -> jax.Array:
     """The batch's tokens (B, N) int32, or (B, N, G) for a factorized model, in raster order."""
@@ -226,85 +174,21 @@ class LlamaGenTrainer(generator.GeneratorTrainer):
     groups = (len(self.module.vocab_sizes),) if self.module.factorized else ()
     return jax.lax.stop_gradient(idx.astype(jnp.int32).reshape((b, self.grid * self.grid) + groups))
 
-  # ----------------------------------------------------------------- state
+  # -------------------------------------------------------------- objective
 
-  def init_state(self, rng):
-    k_params, k_drop = jax.random.split(rng)
-    tokens, labels = llamagen_lib.example_inputs(self.module)
-    params = self.module.init({"params": k_params, "dropout": k_drop}, tokens, labels)["params"]
-    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                                ema_params=jax.tree.map(jnp.copy, params), extra={})
-
-  def init_from(self, state, path):
-    """Params and EMA from a converted LlamaGen (``python -m ifsq_jax.convert llamagen``) or a LlamaGen checkpoint."""
-    return generator.init_from_converted(self, state, path, "llamagen", super().init_from)
-
-  # ----------------------------------------------------------------- steps
-
-  def loss_and_grads(self, params, batch, rng, frozen):
-    """Loss, gradients and metrics of one (micro-)batch."""
+  def loss(self, params, batch, rng, frozen, extra):
+    """Teacher-forced cross-entropy of every position (+ ``repa.coef`` x REPA)."""
+    del extra
     c = self.config
     tokens = self.tokens(batch, frozen)
     target = None
     if self.target is not None:
       target = self.target.features(frozen["repa"], batch["image"], self.grid)
-
-    def loss_fn(p):
-      out = self.module.apply({"params": p}, tokens, batch["label"], train=True, return_repa=target is not None,
-                              rngs={"dropout": rng})
-      logits, z = out if target is not None else (out, None)
-      return objective.token_loss(logits, tokens, repa_features=z, repa_target=target, proj_coef=c.repa.coef,
-                                  group_weights=tuple(c.tokens.group_weights) or None)
-
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return {"loss": loss, "grads": grads, "metrics": terms}
-
-  def train_steps(self):
-    c = self.config
-
-    def step(state, batch, key, frozen):
-      out, _ = state_lib.accumulate(
-          lambda mb, r, carry: (self.loss_and_grads(state.params, mb, r, frozen), carry), batch, key,
-          c.train.grad_accum_steps)
-      loss, grads = out["loss"], out["grads"]
-      norm = optax.tree.norm(grads)
-
-      def update(s):
-        updates, opt = self.tx.update(grads, s.opt_state, s.params)
-        params = optax.apply_updates(s.params, updates)
-        return s.replace(params=params, opt_state=opt,
-                         ema_params=state_lib.ema_update(s.ema_params, params, c.train.ema_decay))
-
-      new, nonfinite = state_lib.apply_if_finite(state, loss, norm, update)
-      return new, {**out["metrics"], "loss": loss, "grad_norm": norm, "nonfinite": nonfinite}
-
-    return {"train": step}
-
-  # ------------------------------------------------------------- sampling
-
-  @functools.cached_property
-  def _generate(self):
-    """jit: (EMA params, tokenizer variables, labels (B,), key) -> (tokens, images (B, H, W, 3))."""
-    s = self.config.sample
-    shape = (self.grid, self.grid) + ((len(self.module.vocab_sizes),) if self.module.factorized else ())
-
-    def generate(params, tok, labels, key):
-      tokens = sampler.generate(self.module, params, labels, key, cfg_scale=s.cfg_scale,
-                                cfg_interval=tuple(s.cfg_interval), temperature=s.temperature, top_k=s.top_k,
-                                top_p=s.top_p)
-      indices = tokens.reshape((tokens.shape[0],) + shape)
-      images = self.tokenizer.model.apply(tok, indices, method=lambda m, i: m.decode_indices(i))
-      return tokens, images.astype(jnp.float32)
-
-    token_ndim = 3 if self.module.factorized else 2
-    return jax.jit(generate, out_shardings=(parallel.batch_sharding(self.mesh, token_ndim),
-                                            parallel.batch_sharding(self.mesh, 4)))
-
-  def sample_batch(self, state, indices, labels, seed):
-    """Tokens and images of samples ``indices`` (one key per batch; row r of it draws with ``fold_in(key, r)``)."""
-    key = jax.random.fold_in(jax.random.key(seed), int(indices[0]))
-    tokens, images = self._generate(state.ema_params, self.tokenizer_on_devices, labels, key)
-    return {"images": images, "tokens": tokens}
+    out = self.module.apply({"params": params}, tokens, batch["label"], train=True, return_repa=target is not None,
+                            rngs={"dropout": rng})
+    logits, z = out if target is not None else (out, None)
+    return objective.token_loss(logits, tokens, repa_features=z, repa_target=target, proj_coef=c.repa.coef,
+                                group_weights=tuple(c.tokens.group_weights) or None)
 
   # ---------------------------------------------------------------- CKNNA
 

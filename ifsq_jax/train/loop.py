@@ -27,6 +27,7 @@ reports ``nonfinite``; the loop stops after ``train.max_nonfinite_steps`` in a r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -90,6 +91,11 @@ class Trainer:
   def frozen(self) -> Any:
     """Frozen networks' parameters (a pytree of arrays, e.g. LPIPS-VGG); placed on the devices once by the loop."""
     return {}
+
+  @functools.cached_property
+  def frozen_on_devices(self) -> Any:
+    """:meth:`frozen` replicated over the mesh, placed once: the copy every step and evaluation program takes."""
+    return parallel.replicate(self.frozen(), self.mesh)
 
   def train_steps(self) -> dict[str, StepFn]:
     """Pure step functions by name: (state, batch, key, frozen) -> (state, metrics).
@@ -421,7 +427,7 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   data = trainer.train_data(jax.process_index(), jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
-  frozen = parallel.replicate(trainer.frozen(), mesh)  # placed once; passed to every step
+  frozen = trainer.frozen_on_devices  # placed once; passed to every step and evaluation program
   restored = ckpt.restore_latest(abstract)
   if restored is not None:
     step, state, data_state = restored
