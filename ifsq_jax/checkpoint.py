@@ -145,14 +145,11 @@ class Checkpointer:
     for step in reversed(self.steps):
       state_dir = self.directory / str(step) / "state"
       where = f"Checkpoint step {step} in {self.directory}"
-      try:
-        saved = _retried(lambda: _saved_entries(state_dir), where)
-      except Exception as e:  # pylint: disable=broad-except
-        if _kind(e) != "unreadable":
-          raise _restore_error(where, e) from e
-        self._set_aside(step, e)
+      saved, damage = _metadata(state_dir, where)
+      if damage is not None:
+        self._set_aside(step, damage)
         continue
-      diff = _difference(saved, _entries(abstract_state))
+      diff = _difference(_entries(saved), _entries(abstract_state))
       if diff:
         raise CheckpointMismatchError(_mismatch_message(where, diff))
       try:
@@ -223,8 +220,17 @@ def _read_metadata(state_dir: epath.Path) -> Any:
   return tree
 
 
-def _saved_entries(state_dir: epath.Path) -> dict[str, tuple]:
-  return _entries(_read_metadata(state_dir))
+def _metadata(state_dir: epath.Path, where: str) -> tuple[Any, Exception | None]:
+  """(the saved metadata tree, None), or (None, the error) when the step is proven unreadable.
+
+  Storage errors are retried; any other error raises :class:`CheckpointRestoreError`.
+  """
+  try:
+    return _retried(lambda: _read_metadata(state_dir), where), None
+  except Exception as e:  # pylint: disable=broad-except
+    if _kind(e) != "unreadable":
+      raise _restore_error(where, e) from e
+    return None, e
 
 
 def _fmt(entry: tuple) -> str:
@@ -407,12 +413,9 @@ def restore_fields(path: epath.PathLike, targets: dict[str, Any]) -> tuple[int, 
   for step, step_dir in _step_dirs(root):
     state_dir = step_dir / "state"
     where = f"Checkpoint {step_dir}"
-    try:
-      saved = _retried(lambda: _read_metadata(state_dir), where)
-    except Exception as e:  # pylint: disable=broad-except
-      if _kind(e) != "unreadable":
-        raise _restore_error(where, e) from e
-      tried.append(_skip(step_dir, e))
+    saved, damage = _metadata(state_dir, where)
+    if damage is not None:
+      tried.append(_skip(step_dir, damage))
       continue
     have = sorted(saved) if isinstance(saved, dict) else []
     absent = sorted(set(targets) - set(have))
