@@ -9,8 +9,9 @@ For each size (DiT-S/2 and DiT-B/2 by default) at input 16 (f16 latents of
   JAX: ``ifsq_jax.models.dit.DiT``, one compiled step that donates parameters and
   optimizer state. PyTorch: ``bench/torch_dit.py`` (the official architecture, NCHW).
 * sampling: 50 Euler steps on t = linspace(0, 1, 51) from Gaussian noise (the model never
-  runs at t = 1), no guidance. JAX: ``ifsq_jax.sampling.flow.sample``, one compiled program
-  with the steps in a ``lax.fori_loop``. PyTorch: a Python loop under
+  runs at t = 1), no guidance. JAX: ``ifsq_jax.sampling.draw.draw`` (the path of in-training
+  evaluation and ``tools.sample``: the noise made on the host per sample index, then one
+  compiled program with the steps in a ``lax.fori_loop``). PyTorch: a Python loop under
   ``torch.inference_mode``.
 
 Neither model has the REPA projector (``z_dim=0``): the loss here is the velocity MSE alone.
@@ -56,9 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ifsq_jax import parallel
 from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.models import dit
-from ifsq_jax.sampling import flow
+from ifsq_jax.sampling import draw
 
 INPUT_SIZE = 16
 FREQ_DIM = 256  # width of the sinusoidal timestep features
@@ -150,15 +152,19 @@ def jax_cases(cfg: dict[str, Any], data: dict[str, np.ndarray], sample_steps: in
 
   cases = {"train step": run_step}
   if with_sampling:
-    sample = jax.jit(sampler(model, sample_steps)).lower(state[0], batch["x0"], batch["y"]).compile()
-    cases["sampling"] = lambda: sample(state[0], batch["x0"], batch["y"])
+    cases["sampling"] = sampler(model, sample_steps, state, data["y"])
+    jax.block_until_ready(cases["sampling"]())  # compiles
   return cases
 
 
-def sampler(model: nn.Module, steps: int) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-  """(params, noise (B, H, W, C), labels (B,)) -> the Euler ODE sample at t = 1, unguided."""
-  return lambda params, noise, labels: flow.sample(lambda x, t, y: model.apply({"params": params}, x, t, y), noise,
-                                                   labels, num_steps=steps)
+def sampler(model: nn.Module, steps: int, state: list, labels: np.ndarray) -> Callable[[], Any]:
+  """run() drawing samples 0..B-1 for ``labels`` (B,) as training and tools.sample draw them: Euler ODE, unguided.
+
+  ``sampling.draw.draw`` on one device: the noise of each sample made on the host, then one compiled program.
+  """
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  indices, options = np.arange(len(labels)), {"num_steps": steps}
+  return lambda: draw.draw(model, state[0], indices, labels, 0, options, mesh=mesh)["latents"]
 
 
 def torch_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:

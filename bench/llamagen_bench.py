@@ -22,7 +22,8 @@ in JAX (its program compiles on that call), not in PyTorch (eager: nothing compi
 * sampling (``--sample_batch`` labels, guidance ``--cfg`` 2.0, so the models run twice as
   many rows: ``[labels | null]``): the whole sequence with the KV cache, temperature 1,
   ``--top_k`` (0: none) and no top-p, as the paper's sampling config. JAX:
-  ``ifsq_jax.sampling.autoregressive.generate``, one compiled program (prefill, then a
+  ``ifsq_jax.sampling.draw.draw`` (the path of in-training evaluation and ``tools.sample``)
+  around ``ifsq_jax.sampling.autoregressive.generate``, one compiled program (prefill, then a
   ``lax.fori_loop`` over positions). PyTorch: ``torch_llamagen.generate``, the
   reference's Python loop of single-token steps under ``torch.inference_mode`` (caches of
   ``find_multiple(1 + N, 8)`` positions, each step attending over all of them through
@@ -78,10 +79,11 @@ import numpy as np
 import optax
 
 from dit_bench import HOPPER_BF16_PEAK, matmul_peak, median_time
+from ifsq_jax import parallel
 from ifsq_jax.convert import llamagen as conv
 from ifsq_jax.kernels.cpu import host_memory
 from ifsq_jax.models.llamagen import LlamaGen, example_inputs, ffn_hidden, llamagen_config
-from ifsq_jax.sampling import autoregressive as ar
+from ifsq_jax.sampling import draw
 
 NUM_CLASSES = 1000
 
@@ -232,8 +234,9 @@ def sample_cases(fields: dict[str, Any], params: dict[str, Any], labels: np.ndar
   """{framework: run()} sampling a whole batch; the JAX program is compiled by a first call here."""
   module, jax_params = LlamaGen(**fields), jax.tree.map(jnp.asarray, params)
   options = dict(cfg_scale=args.cfg, temperature=1.0, top_k=args.top_k)
-  key = jax.random.key(2)
-  cases = {"JAX": lambda: ar.generate(module, jax_params, labels, key, **options)}
+  # As training and tools.sample draw samples (sampling.draw), on one device.
+  mesh, indices = parallel.make_mesh(devices=jax.devices()[:1]), np.arange(len(labels))
+  cases = {"JAX": lambda: draw.draw(module, jax_params, indices, labels, 2, options, mesh=mesh)["tokens"]}
   jax.block_until_ready(cases["JAX"]())
   if not args.skip_torch:
     import torch  # pylint: disable=g-import-not-at-top
