@@ -231,3 +231,16 @@ def test_dit_init_from_converted_weights(tokenizer_dir, tmp_path):
   state = trainer.init_from(fresh, str(tmp_path / "conv"))
   for tree in (state.params, state.ema_params):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tree, params)
+
+
+def test_evaluation_decodes_with_the_tokenizer_copy_the_steps_take(tokenizer_dir, monkeypatch):
+  trainer = dit.DiTTrainer(tiny_config(tokenizer_dir), parallel.make_mesh())
+  state = jax.jit(lambda k: nn.meta.unbox(trainer.init_state(k)))(jax.random.key(0))
+  state = state.replace(extra={"latent_scale": jnp.asarray(1.5, jnp.float32)})
+  placed = trainer.frozen_on_devices["tokenizer"]  # what loop.run passes to every step
+  assert trainer.decoder(state).variables is placed
+  placements = []
+  monkeypatch.setattr(parallel, "replicate", lambda tree, mesh: placements.append(tree))
+  samples = trainer.sample_all(state, np.arange(8) % 9, seed=0)
+  assert samples["images"].shape == (8, 32, 32, 3) and np.isfinite(samples["images"]).all()
+  assert not placements  # no second copy of the tokenizer (or anything else) placed for sampling

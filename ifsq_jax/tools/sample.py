@@ -49,6 +49,7 @@ error while process 0 still samples its last shard and packs).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -60,6 +61,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from etils import epath
+from PIL import Image
 
 from ifsq_jax import parallel, paths
 from ifsq_jax.eval import fid
@@ -197,9 +199,11 @@ def write_shards(gen: Generator, out: epath.PathLike, labels: np.ndarray, *, sha
     with paths.atomic_open(out / shard_name(s, count)) as f:
       np.savez(f, arr_0=images, labels=labels[lo:hi], index=np.arange(lo, hi))
     if png:
-      from ifsq_jax.train import writers  # pylint: disable=g-import-not-at-top
+      (out / "png").mkdir(parents=True, exist_ok=True)
       for i, image in zip(range(lo, hi), images):
-        writers.save_png(image, out / "png" / f"{i:06d}.png")
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        paths.write_bytes(out / "png" / f"{i:06d}.png", buffer.getvalue())
     written.append(s)
     done_images += hi - lo
     rate = done_images / (time.time() - start_time)
