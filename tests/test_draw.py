@@ -1,4 +1,4 @@
-"""One way to draw samples (sampling/draw.py) and one meaning of cfg_interval (sampling/guidance.py) for both generators.
+"""One way to draw samples (sampling/draw.py), one meaning of cfg_interval (sampling/guidance.py) for both generators.
 
 cfg_interval = (lo, hi) guides an evaluation at sampling progress p iff lo <= p < hi (DiT: flow time t;
 LlamaGen: token n / N); -1 means always; other scalars are refused naming the valid forms.
