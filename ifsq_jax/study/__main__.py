@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import resource
 import shlex
 import sys
 import time
@@ -50,6 +52,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.seeds < 0 or args.max_cells < 0:
     p.error(f"--seeds={args.seeds} and --max_cells={args.max_cells} must be >= 0.")
   return args
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process (all its threads), user + system."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
 
 
 class Progress:
@@ -120,7 +128,8 @@ def plan(grid: grid_lib.Grid, seeds: int, data: str, todo: list[grid_lib.Cell]) 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  # force: absl's handler (installed at import) would drop INFO lines outside absl.app.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
   for name in ("absl", "jax", "orbax", "flax", "tensorflow"):
     logging.getLogger(name).setLevel(logging.WARNING)
   host_memory.setup()
@@ -164,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"Stopped after {ran} cell(s) (--max_cells); run the same command again to go on.", flush=True)
       return 0
     workdir = out / cell.name
-    start = time.time()
+    start, cpu_start = time.time(), _cpu_seconds()
     if cell.kind == "tokenizer":
       result = cells_lib.run_tokenizer(cell, s, args.data, workdir, ref)
     else:
@@ -176,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         flops[key] = grid_lib.generator_step_flops(cell, s, args.data)
       result = cells_lib.run_generator(cell, s, args.data, workdir, tok_dir, ref, flops[key])
     seconds = time.time() - start
+    # The CPU time beside the wall time: on a shared machine the wall time says as much about the neighbours.
     result.update(cell=cell.name, kind=cell.kind, bottleneck=cell.bottleneck, bits=cell.bits, seed=cell.seed,
-                  seconds=seconds)
+                  seconds=seconds, cpu_seconds=_cpu_seconds() - cpu_start, load_average=os.getloadavg()[0])
     cells_lib.write_json(workdir / cells_lib.RESULT, result)
     ran += 1
     print(progress.finished(cell, seconds), flush=True)

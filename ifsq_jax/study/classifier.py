@@ -8,8 +8,7 @@ are not comparable with FID's.
 One classifier serves the whole study (trained once, with a fixed seed): it is
 the yardstick, so the seeds' spread measures the chains, not the ruler. It
 sees grey images (the mean of the RGB channels) in [-1, 1], 32 x 32 (the IDX
-source pads 28 x 28 with black), with random horizontal flips, as the
-tokenizers and generators see them.
+source pads 28 x 28 with black), as the tokenizers and generators see them.
 
 B batch, H W image size (32), F feature width.
 """
@@ -29,6 +28,7 @@ from etils import epath
 
 from ifsq_jax import paths
 from ifsq_jax.data import sources
+from ifsq_jax.models.conv import Conv
 
 NUM_CLASSES = 10
 FEATURES = 128  # F: the penultimate width the FDs use
@@ -51,7 +51,8 @@ class Classifier(nn.Module):
     """Grey images (B, 32, 32, 1) in [-1, 1] -> (logits (B, 10), features (B, F))."""
     for mult in (1, 2):
       for _ in range(2):
-        x = nn.relu(nn.Conv(self.width * mult, (3, 3))(x))
+        # The project's convolution (oneDNN on CPU where it is faster): half the step time of nn.Conv here.
+        x = nn.relu(Conv(self.width * mult, 3)(x))
       x = nn.max_pool(x, (2, 2), (2, 2))
     features = nn.relu(nn.Dense(FEATURES)(x.reshape(x.shape[0], -1)))
     return nn.Dense(NUM_CLASSES)(features), features
@@ -97,8 +98,8 @@ def train(data_dir: str, workdir: epath.PathLike, steps: int, batch: int, width:
           log=print) -> tuple[Trained, dict]:
   """Trains the classifier (or loads it from ``workdir``) and reports its test accuracy.
 
-  Adam 1e-3 with cosine decay, random horizontal flips; ``SEED`` fixes the
-  initialisation and the batches.
+  Adam 1e-3 with cosine decay, no augmentation (the study trains nothing on
+  flipped images); ``SEED`` fixes the initialisation and the batches.
 
   Returns:
     (the classifier, ``{"test_accuracy", "train_steps", "seconds", ...}``).
@@ -132,10 +133,7 @@ def train(data_dir: str, workdir: epath.PathLike, steps: int, batch: int, width:
       order, pos = rng.permutation(len(x)), 0
     idx = order[pos:pos + batch]
     pos += batch
-    xb = x[idx]
-    flip = rng.random(len(idx)) < 0.5
-    xb = np.where(flip[:, None, None, None], xb[:, :, ::-1], xb)
-    params, opt, loss = step(params, opt, xb, y[idx])
+    params, opt, loss = step(params, opt, x[idx], y[idx])
     if (i + 1) % max(1, steps // 5) == 0:
       log(f"classifier step {i + 1}/{steps} loss {float(loss):.4f}")
   trained = Trained(params, width)
