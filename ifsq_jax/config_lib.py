@@ -23,6 +23,8 @@ import ml_collections
 from ifsq_jax import parallel
 
 DATASETS = ("embedded", "image_folder", "idx", "tfds")
+# The per-example transforms of image tasks (ifsq_jax.data.transforms.TRANSFORMS maps exactly these names).
+TRANSFORM_NAMES = ("resize_crop_flip", "adm_random_crop", "adm_random_crop_flip", "center_crop")
 SCHEDULES = ("constant", "warmup_cosine")
 DECAY_MASKS = ("all", "matrices")
 PLATFORMS = ("", "cpu", "gpu", "tpu")  # config.mesh.platform; "": whatever devices JAX has
@@ -191,20 +193,18 @@ def add_image_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d.data_dir = ""  # tfds data_dir
   d.manual_dir = ""  # tfds manual_dir (e.g. the ImageNet tar files)
   d.image_size = 32
-  d.transform = "resize_crop_flip"  # see ifsq_jax.data.transforms.TRANSFORMS
+  d.transform = "resize_crop_flip"  # one of TRANSFORM_NAMES (ifsq_jax.data.transforms)
   d.eval_examples = 64
   return c
 
 
 def validate_image_data(config: ml_collections.ConfigDict) -> None:
   """Checks the fields :func:`add_image_data` adds."""
-  from ifsq_jax.data import transforms  # pylint: disable=g-import-not-at-top
   d = config.data
   _require(d.name in DATASETS, f"config.data.name={d.name!r} is not a known dataset; use one of {DATASETS}.")
   _require(d.image_size >= 8, f"config.data.image_size={d.image_size} must be >= 8.")
   _require(d.eval_examples >= 1, f"config.data.eval_examples={d.eval_examples} must be >= 1.")
-  _require(d.transform in transforms.TRANSFORMS,
-           f"config.data.transform={d.transform!r} must be one of {tuple(transforms.TRANSFORMS)}.")
+  _require(d.transform in TRANSFORM_NAMES, f"config.data.transform={d.transform!r} must be one of {TRANSFORM_NAMES}.")
   _require(d.name != "image_folder" or bool(d.path),
            "config.data.path must name the image folder root when config.data.name='image_folder'.")
   _require(d.name != "idx" or bool(d.path),

@@ -140,3 +140,8 @@ def test_model_config_round_trips_through_its_dataclass():
   group.unknown = 1
   with pytest.raises(config_lib.ConfigError, match=r"TokenizerConfig has no fields \['unknown'\]"):
     config_lib.to_dataclass(TokenizerConfig, group)
+
+
+def test_the_transform_names_a_config_accepts_are_the_transforms_the_pipeline_has():
+  from ifsq_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  assert tuple(transforms.TRANSFORMS) == config_lib.TRANSFORM_NAMES

@@ -15,6 +15,10 @@ from its own layer and from the layers below:
    both need lives below them: ``parallel``, ``sampling``, ``eval``)
 6. ``main``, ``__init__`` (the public API) and ``study``
 
+One module sits above its folder: ``tools.input_bench`` runs a training config's input
+pipeline and compiles its step as ``main --compile_only`` does, so it is an entry point of
+training, placed with ``main`` (see ``PLACED``); nothing imports it.
+
 ``from ifsq_jax import name`` imports the submodule ``name`` when there is one,
 else a name of ``__init__`` (layer 6).
 """
@@ -34,12 +38,15 @@ LAYERS = (
     ("train", "tools"),
     ("main", "__init__", "study"),
 )
+PLACED = {"ifsq_jax.tools.input_bench": "main"}  # modules in a layer other than their folder's (docstring)
 PEERS_APART = ({"train", "tools"},)  # same layer, yet neither may import the other
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 
 def _part(module: str) -> str:
   """The top-level part of a module of the package: ``ifsq_jax.train.dit`` -> ``train``; the package -> ``__init__``."""
+  if module in PLACED:
+    return PLACED[module]
   names = module.split(".")
   return names[1] if len(names) > 1 else "__init__"
 

@@ -22,7 +22,7 @@ import numpy as np
 from ifsq_jax.convert import engine, torch_io
 from ifsq_jax.convert.engine import Entry
 from ifsq_jax.models import saved
-from ifsq_jax.nets.dinov2 import DinoConfig, DinoV2
+from ifsq_jax.nets.dinov2 import DinoConfig
 
 # Hugging Face key pieces -> torch-hub ones, applied in order.
 _HF_RENAMES = (
@@ -129,8 +129,4 @@ def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False) -> 
   return f"{cfg}" + (f" ({dropped.summary()})" if dropped else "")
 
 
-def load(path: str) -> tuple[DinoV2, dict[str, Any]]:
-  """(DinoV2 module, {"params": ...}) from a converted directory."""
-  params, config = saved.load(path, "dinov2")
-  config.pop("kind")
-  return DinoV2(DinoConfig(**config)), {"params": params}
+load = saved.load_dinov2  # the converted directory's reader lives with its format

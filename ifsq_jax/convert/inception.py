@@ -21,6 +21,7 @@ import numpy as np
 from ifsq_jax.convert import engine, torch_io
 from ifsq_jax.convert.engine import Entry
 from ifsq_jax.models import saved
+from ifsq_jax.nets import inception as inception_net
 from ifsq_jax.nets.inception import CLASSES, FEATURES, InceptionV3FID
 
 IGNORED = ("AuxLogits.",)
@@ -89,12 +90,5 @@ def convert_file(checkpoint: str, out_dir: str, allow_partial: bool = False) -> 
   return "InceptionV3FID" + (f" ({dropped.summary()})" if dropped else "")
 
 
-def load(path: str, **fields):
-  """(InceptionV3FID module, variables) from a converted directory; ``fields`` set the module's (``preprocess``)."""
-  variables, _ = saved.load(path, "inception")
-  return InceptionV3FID(**fields), variables
-
-
-def has_classifier(variables: dict[str, Any]) -> bool:
-  """Whether converted variables hold ``fc`` (the logits outputs need it; older conversions lack it)."""
-  return "fc" in variables["params"]
+load = saved.load_inception  # the converted directory's reader lives with its format
+has_classifier = inception_net.has_classifier

@@ -149,7 +149,7 @@ def center_crop(image: ImageLike, size: int, rng: np.random.Generator | None = N
   return arr[top:top + size, left:left + size]
 
 
-TRANSFORMS: dict[str, Transform] = {
+TRANSFORMS: dict[str, Transform] = {  # the names config_lib.TRANSFORM_NAMES accepts (a test checks they agree)
     "resize_crop_flip": resize_crop_flip,
     "adm_random_crop": adm_random_crop,
     "adm_random_crop_flip": adm_random_crop_flip,

@@ -34,6 +34,8 @@ import numpy as np
 from etils import epath
 
 from ifsq_jax.eval import fid, generative
+from ifsq_jax.models import saved
+from ifsq_jax.nets import inception as inception_net
 
 STAT_FEATURES = ("vgg16", "pool", "spatial")  # summarised as FeatureStats
 KEPT_FEATURES = ("pool", "logits_unbiased")  # kept whole: precision / recall and the Inception Score
@@ -80,9 +82,8 @@ class FeatureExtractor:
     self.has_logits = False
     self._inception = None
     if inception_dir:
-      from ifsq_jax.convert import inception  # pylint: disable=g-import-not-at-top
-      module, variables = inception.load(inception_dir, preprocess=preprocess)
-      self.has_logits = inception.has_classifier(variables)
+      module, variables = saved.load_inception(inception_dir, preprocess=preprocess)
+      self.has_logits = inception_net.has_classifier(variables)
       self._variables = jax.device_put(variables)  # once, not from the host at every batch
       outputs = ("pool", "spatial") + (("logits_unbiased",) if self.has_logits else ())
       self._inception = inception_program(module, outputs)

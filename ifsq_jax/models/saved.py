@@ -135,3 +135,18 @@ def load_llamagen(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]
   """(LlamaGen fields, params) from a directory written by ``python -m ifsq_jax.convert llamagen``."""
   params, config = load(path, "llamagen")
   return llamagen_config(**{k: v for k, v in config["model"].items() if k != "dtype"}), params
+
+
+def load_inception(path: str, **fields) -> tuple[Any, dict[str, Any]]:
+  """(InceptionV3FID module, variables) of ``python -m ifsq_jax.convert inception``; ``fields`` set the module's."""
+  from ifsq_jax.nets.inception import InceptionV3FID  # pylint: disable=g-import-not-at-top
+  variables, _ = load(path, "inception")
+  return InceptionV3FID(**fields), variables
+
+
+def load_dinov2(path: str) -> tuple[Any, dict[str, Any]]:
+  """(DinoV2 module, {"params": ...}) of ``python -m ifsq_jax.convert dinov2``."""
+  from ifsq_jax.nets.dinov2 import DinoConfig, DinoV2  # pylint: disable=g-import-not-at-top
+  params, config = load(path, "dinov2")
+  config.pop("kind")
+  return DinoV2(DinoConfig(**config)), {"params": params}

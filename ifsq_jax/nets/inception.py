@@ -266,3 +266,8 @@ class InceptionV3FID(nn.Module):
     if isinstance(outputs, str):
       return out[outputs]
     return {n: out[n] for n in names}
+
+
+def has_classifier(variables: dict) -> bool:
+  """Whether converted variables hold ``fc`` (the logits outputs need it; older conversions lack it)."""
+  return "fc" in variables["params"]

@@ -99,8 +99,8 @@ class RepaTarget:
 
 
 def _dinov2(path: str) -> RepaTarget:
-  from ifsq_jax.convert import dinov2 as dinov2_convert  # pylint: disable=g-import-not-at-top
-  return _dinov2_target(*dinov2_convert.load(path))
+  from ifsq_jax.models import saved  # pylint: disable=g-import-not-at-top
+  return _dinov2_target(*saved.load_dinov2(path))
 
 
 def _dinov2_shapes(path: str) -> RepaTarget:
