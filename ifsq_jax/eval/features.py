@@ -14,6 +14,12 @@ so both give the same number for the same images.
   whole (pool features, logits).
 * :func:`generative_metrics`: FID, sFID, IS, precision / recall of a summary
   against reference statistics and features.
+* :func:`to_uint8` and :class:`MeshFeatures`, for features of arrays that stay
+  on the devices (the in-training evaluation): ``fid.to_uint8``'s exact bytes
+  computed on the devices, and the extractor's networks as one program over a
+  mesh whose batch-sharded uint8 images give batch-sharded features; only the
+  features reach the host, and :class:`Summary` streams them as
+  :func:`summarize` does.
 
 Every jitted program here takes the network's weights as an argument: a
 closure would bake tens of megabytes into each program as constants (slow to
@@ -30,12 +36,15 @@ import logging
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from ifsq_jax import parallel
 from ifsq_jax.eval import fid, generative
 from ifsq_jax.models import saved
 from ifsq_jax.nets import inception as inception_net
+from ifsq_jax.nets import lpips
 
 STAT_FEATURES = ("vgg16", "pool", "spatial")  # summarised as FeatureStats
 KEPT_FEATURES = ("pool", "logits_unbiased")  # kept whole: precision / recall and the Inception Score
@@ -109,6 +118,37 @@ class FeatureExtractor:
     return out
 
 
+class Summary:
+  """Streamed features: float64 ``FeatureStats`` of :data:`STAT_FEATURES`, the :data:`KEPT_FEATURES` kept whole.
+
+  ``add`` takes one batch's features (host arrays, rows in sample order); ``result`` gives what
+  :func:`summarize` returns. Memory: the statistics (D x D float64 each) and the kept features (N x D float32).
+  """
+
+  def __init__(self, label: str = "images"):
+    self.label = label
+    self.count = 0
+    self.stats: dict[str, fid.FeatureStats] = {}
+    self.kept: dict[str, list[np.ndarray]] = {name: [] for name in KEPT_FEATURES}
+
+  def add(self, features: dict[str, np.ndarray]) -> None:
+    """Adds a batch: {name: (n, D)} (the extractor's outputs)."""
+    n = 0
+    for name, f in features.items():
+      if name in STAT_FEATURES:
+        self.stats.setdefault(name, fid.FeatureStats(f.shape[1])).update(f)
+      if name in self.kept:
+        self.kept[name].append(np.asarray(f))
+      n = len(f)
+    self.count += n
+    logging.debug("%s: %d images", self.label, self.count)
+
+  def result(self) -> dict[str, Any]:
+    """``count``, ``stats`` and the kept features (see :func:`summarize`)."""
+    return {"count": self.count, "stats": self.stats,
+            **{k: np.concatenate(v) if v else None for k, v in self.kept.items()}}
+
+
 def summarize(batches: Iterable[np.ndarray], extractor: FeatureExtractor, inception: bool = True,
               label: str = "images") -> dict[str, Any]:
   """The features of uint8 batches (n, H, W, 3), streamed: statistics, and the arrays the metrics need whole.
@@ -124,18 +164,101 @@ def summarize(batches: Iterable[np.ndarray], extractor: FeatureExtractor, incept
     the Inception, ``pool`` and ``spatial``), ``pool`` (N, 2048) and
     ``logits_unbiased`` (N, K), each None when not computed.
   """
-  stats: dict[str, fid.FeatureStats] = {}
-  kept: dict[str, list[np.ndarray]] = {name: [] for name in KEPT_FEATURES}
-  count = 0
+  summary = Summary(label)
   for images in batches:
-    for name, f in extractor(images, inception).items():
-      if name in STAT_FEATURES:
-        stats.setdefault(name, fid.FeatureStats(f.shape[1])).update(f)
-      if name in kept:
-        kept[name].append(f)
-    count += len(images)
-    logging.debug("%s: %d images", label, count)
-  return {"count": count, "stats": stats, **{k: np.concatenate(v) if v else None for k, v in kept.items()}}
+    summary.add(extractor(images, inception))
+  return summary.result()
+
+
+@functools.lru_cache(maxsize=1)
+def uint8_thresholds() -> np.ndarray:
+  """(257,) float32: entry k (1..255) the least float32 x with ``fid.to_uint8(x) >= k``; -inf and +inf at the ends.
+
+  ``fid.to_uint8`` rounds in float64 on the host; a float32 program on a device
+  can land 1 below or above it near a step. The steps as float32 thresholds
+  let :func:`to_uint8` give the host's bytes exactly.
+  """
+  def order(x):  # float32 -> int64 in the floats' order (-0.0 and +0.0 alike)
+    i = x.view(np.int32).astype(np.int64)
+    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+  def value(o):  # the inverse of order
+    return np.where(o < 0, (-o) | 0x80000000, o).astype(np.uint32).view(np.float32)
+
+  k = np.arange(1, 256)
+  # Bisection over the float32 values, not a walk from (k - 128) / 127.5: below 0 the float64 sum rounds up to
+  # 128 for every x down to about -2**-47, so that threshold lies billions of float32 steps from 0.
+  lo, hi = order(np.full(255, -2.0, np.float32)), order(np.full(255, 2.0, np.float32))
+  while np.any(hi - lo > 1):
+    mid = (lo + hi) // 2
+    reaches = fid.to_uint8(value(mid)).astype(int) >= k
+    lo, hi = np.where(reaches, lo, mid), np.where(reaches, mid, hi)
+  x = value(hi)
+  below, above = np.float32(-np.inf), np.float32(np.inf)
+  return np.concatenate([[below], x, [above]]).astype(np.float32)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  """[-1, 1] float images -> uint8 on the devices: the bytes ``fid.to_uint8`` gives on the host, for every float32.
+
+  A float32 ``floor(127.5 x + 128)`` is within 1 of the float64 result; the
+  thresholds of :func:`uint8_thresholds` settle it (NaN -> 0, as numpy's cast gives).
+  """
+  x = images.astype(jnp.float32)
+  thresholds = jnp.asarray(uint8_thresholds())
+  t = jnp.clip(jnp.floor(127.5 * x + 128.0), 0, 255)
+  t = jnp.where(jnp.isnan(t), 0, t).astype(jnp.int32)
+  t = t - (x < thresholds[t]).astype(jnp.int32) + (x >= thresholds[t + 1]).astype(jnp.int32)
+  return jnp.clip(t, 0, 255).astype(jnp.uint8)
+
+
+class MeshFeatures:
+  """A :class:`FeatureExtractor`'s networks as one program over a mesh, for images already on the devices.
+
+  ``self(images)`` takes uint8 (B, H, W, 3) images sharded over the mesh's batch
+  axes (B a multiple of its batch devices) and returns the extractor's features
+  as batch-sharded global arrays: each device computes the features of its rows
+  (nothing is gathered), and the caller brings only the features to the host.
+  The numbers are the extractor's: the same networks and preprocessing (the
+  uint8 -> float steps as tables of the host's float32 values), the Inception
+  at float32 matmul precision, VGG16 at the default one, as there.
+
+  Args:
+    extractor: The networks (its Inception, when it has one, and VGG16).
+    mesh: The devices; the weights are replicated over them once.
+  """
+
+  def __init__(self, extractor: FeatureExtractor, mesh: jax.sharding.Mesh):
+    self.mesh = mesh
+    self.has_inception = extractor.has_inception
+    weights = {"vgg16": fid.vgg16_params()}
+    if extractor.has_inception:
+      weights["inception"] = extractor._variables  # pylint: disable=protected-access
+    self.weights = parallel.replicate(jax.device_get(weights), mesh)
+    self._inception = extractor._inception  # pylint: disable=protected-access
+    self.program = self._program()
+
+  def _program(self):
+    unit = np.arange(256, dtype=np.uint8) / np.float32(255.0)  # the extractor's x = images / 255 (float32, on the host)
+    signed = 2.0 * unit - 1.0  # and its VGG16 input 2 x - 1
+
+    def features(weights, images):
+      out = {"vgg16": lpips.vgg16_pool_features(weights["vgg16"], jnp.asarray(signed)[images])}
+      if "inception" in weights:
+        with jax.default_matmul_precision("float32"):  # as the extractor: not TF32 / bf16 passes
+          out.update(self._inception(weights["inception"], jnp.asarray(unit)[images]))
+      return {k: jax.lax.with_sharding_constraint(v, parallel.batch_sharding(self.mesh, v.ndim))
+              for k, v in out.items()}
+
+    return jax.jit(features)
+
+  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+    """uint8 (B, H, W, 3) batch-sharded -> {"vgg16": (B, 512)} and, with the Inception, pool / spatial / logits."""
+    return self.program(self.weights, images)
+
+  def lower(self, images: jax.ShapeDtypeStruct):
+    """The program lowered for images of this shape (for ``--compile_only``)."""
+    return self.program.lower(self.weights, images)
 
 
 def generative_metrics(fake: dict[str, Any], fid_reference: tuple[np.ndarray, np.ndarray] | None,

@@ -32,8 +32,16 @@ reference is compared with features made the same way. (Earlier versions fed
 float images through pytorch-fid's resize; FID against ADM's statistics then
 carried the difference between the two pipelines.)
 
-Images are (N, H, W, 3) floats in [-1, 1]; every process holds all N (the
-samples are small), and every process computes the same numbers.
+Memory: nothing here holds all N images. The crops are read, cropped and
+scored in batches of uint8; the trainer's samples never reach the host as
+images: each sampler call's images are rounded to uint8 and their features
+computed on the devices that hold them (:meth:`SampleEvaluator.mesh_features`,
+``eval.features.MeshFeatures``), and only the features are gathered, into a
+``features.Summary`` (float64 statistics, plus the pool features and logits that
+precision / recall and the Inception Score need whole: 12 KiB a sample).
+:meth:`SampleEvaluator.score_summary` turns that summary into the metrics;
+:meth:`SampleEvaluator.score` does the same for host images (N, H, W, 3) in
+[-1, 1]. Every process holds the same summary and computes the same numbers.
 
 N samples, D feature width.
 """
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Iterator
 
 import ml_collections
 import numpy as np
@@ -72,23 +81,35 @@ class SampleEvaluator:
     if self.extractor.has_inception and not self.extractor.has_logits:
       logging.warning("%s was converted without the classifier (fc): no inception_score. Convert the checkpoint "
                       "again with `python -m ifsq_jax.convert inception`.", config.eval.inception_path)
+    self._mesh_features = None
 
   @functools.cached_property
   def _real(self) -> dict[str, object]:
-    """Features of the validation crops (read on first use)."""
+    """Features of the validation crops (read on first use, streamed in uint8 batches)."""
     d = self.config.data
     source = pipeline_lib.build_source(d, d.eval_split)
     n = min(len(source), d.eval_examples)
-    images = []
-    for i in range(n):
-      try:
-        images.append(transforms.to_float(transforms.center_crop(source[i][0], d.image_size)))
-      except sources.DecodeError as e:
-        logging.warning("Skipped an undecodable validation image: %s", e)
-    if len(images) < 2:
+
+    def crops():  # uint8 (size, size, 3) each: the bytes fid.to_uint8 gives back from their [-1, 1] floats
+      for i in range(n):
+        try:
+          yield transforms.center_crop(source[i][0], d.image_size)
+        except sources.DecodeError as e:
+          logging.warning("Skipped an undecodable validation image: %s", e)
+
+    step = self.extractor.batch
+    batches = (np.stack(b) for b in _chunks(crops(), step))
+    out = features_lib.summarize(batches, self.extractor, label="validation crops")
+    if out["count"] < 2:
       raise ValueError(f"the sample evaluation needs at least 2 validation images; {d.eval_split!r} gave "
-                       f"{len(images)} of config.data.eval_examples={d.eval_examples}.")
-    return self.features(np.stack(images))
+                       f"{out['count']} of config.data.eval_examples={d.eval_examples}.")
+    return out
+
+  def mesh_features(self, mesh) -> features_lib.MeshFeatures:
+    """The feature networks as one program over ``mesh`` (weights replicated once per mesh)."""
+    if self._mesh_features is None or self._mesh_features.mesh is not mesh:
+      self._mesh_features = features_lib.MeshFeatures(self.extractor, mesh)
+    return self._mesh_features
 
   def features(self, images: np.ndarray) -> dict[str, object]:
     """Features of (N, H, W, 3) images in [-1, 1], as the tool computes them from the saved uint8 images.
@@ -120,10 +141,28 @@ class SampleEvaluator:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or len(images) < 2:
       raise ValueError(f"the sample evaluation needs (N, H, W, 3) images with N >= 2, got {images.shape}.")
-    fake, real = self.features(images), self._real
-    out = {"fd_vgg16": fid.fd_vgg16(fake["stats"]["vgg16"], real["stats"]["vgg16"]), "samples": float(len(images))}
+    return self.score_summary(self.features(images))
+
+  def score_summary(self, fake: dict[str, object]) -> dict[str, float]:
+    """The metrics of the module doc for the samples' ``features.Summary`` result (``count`` >= 2)."""
+    if fake["count"] < 2:
+      raise ValueError(f"the sample evaluation needs N >= 2 samples, got {fake['count']}.")
+    real = self._real
+    out = {"fd_vgg16": fid.fd_vgg16(fake["stats"]["vgg16"], real["stats"]["vgg16"]), "samples": float(fake["count"])}
     if not self.extractor.has_inception:
       return out
     reference = self._reference()
     out.update(features_lib.generative_metrics(fake, reference["pool"], reference["spatial"], real["pool"]))
     return out
+
+
+def _chunks(items: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+  """Lists of ``size`` consecutive items (the last may be shorter)."""
+  chunk = []
+  for item in items:
+    chunk.append(item)
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
