@@ -93,6 +93,15 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def micro_batches(local: dict[str, np.ndarray], num_micro: int) -> list[dict[str, np.ndarray]]:
+  """This process's slice of a batch split into ``num_micro`` equal consecutive parts (rows B / num_micro each)."""
+  rows = len(next(iter(local.values())))
+  if rows % num_micro:
+    raise ValueError(f"{rows} rows do not split into {num_micro} micro-batches.")
+  step = rows // num_micro
+  return [{k: v[j * step:(j + 1) * step] for k, v in local.items()} for j in range(num_micro)]
+
+
 class DiTTrainer(generator.GeneratorTrainer):
   """Flow matching with REPA on the frozen tokenizer's latents."""
 
@@ -109,6 +118,16 @@ class DiTTrainer(generator.GeneratorTrainer):
     if config.latent.scale < 0 or config.latent.scale_batches < 1:
       raise config_lib.ConfigError(f"config.latent.scale={config.latent.scale} must be >= 0 (0: measure) and "
                                    f"config.latent.scale_batches={config.latent.scale_batches} >= 1.")
+    # sigma spreads the logit-normal t and shift remaps t: both fail when the step is first traced otherwise.
+    config_lib.require_range(config, "transport.sigma", 0, low_open=True)
+    config_lib.require_range(config, "transport.shift", 0, low_open=True, note="1: no shift")
+    for key in ("input_size", "patch_size", "in_channels"):
+      config_lib.require_range(config, f"model.{key}", 1)
+    config_lib.require_range(config, "model.mlp_ratio", 0, low_open=True)
+    if m.hidden_size % 4 or (m.use_rope and (m.hidden_size // m.num_heads) % 4):
+      raise config_lib.ConfigError(
+          f"config.model.hidden_size={m.hidden_size} must be a multiple of 4 (the 2D sin-cos table) and, with "
+          f"use_rope, of 4 x num_heads={m.num_heads} (2D RoPE rotates head widths in multiples of 4).")
     if m.input_size % m.patch_size or m.hidden_size % m.num_heads:
       raise config_lib.ConfigError(f"config.model: patch_size={m.patch_size} must divide input_size={m.input_size} "
                                    f"and num_heads={m.num_heads} must divide hidden_size={m.hidden_size}.")
@@ -147,21 +166,26 @@ class DiTTrainer(generator.GeneratorTrainer):
     return state.replace(extra={"latent_scale": jnp.asarray(self.config.latent.scale, jnp.float32)})
 
   def prepare(self, state, data, frozen):
-    """Measures the latent scale (1 / std of the codes) on the first training batches, unless it is set."""
+    """Measures the latent scale (1 / std of the codes) on the first training batches, unless it is set.
+
+    The codes are encoded in micro-batches of the train step's size (global batch / ``train.grad_accum_steps``),
+    one compiled program of that shape: a whole global batch in one program can exceed a device's memory where
+    the step, which accumulates over micro-batches, fits. Each micro-batch gives float32 means of the codes and
+    their squares; the host averages them in float64 (equal sizes, so this is the batches' mean).
+    """
     c = self.config
     if c.latent.scale > 0:
       logging.info("Latent scale %.6f (config.latent.scale)", c.latent.scale)
       if jax.process_index() == 0:
         self._write_latent_json(c.latent.scale, None, None, 0)
       return state
-    def moments(batch, frozen):
-      codes = self._codes(pipeline_lib.normalize(batch), frozen)
-      return jnp.stack([jnp.mean(codes), jnp.mean(codes ** 2)])
-
-    moments = jax.jit(moments, out_shardings=parallel.replicated(self.mesh))
+    moments = self.moments_program()
+    parts = []
     with parallel.sharding_context(self.mesh, c.mesh.rules):
-      m = np.mean([np.asarray(moments(parallel.global_batch(data.batch(i), self.mesh), frozen))
-                   for i in range(c.latent.scale_batches)], axis=0, dtype=np.float64)
+      for i in range(c.latent.scale_batches):
+        for micro in micro_batches(data.batch(i), c.train.grad_accum_steps):
+          parts.append(np.asarray(moments(parallel.global_batch(micro, self.mesh), frozen)))
+    m = np.mean(parts, axis=0, dtype=np.float64)
     std = math.sqrt(max(m[1] - m[0] ** 2, 1e-12))
     count = c.latent.scale_batches * c.train.global_batch_size
     logging.info("Latent scale 1 / std = %.6f, measured on the codes of %d training images (mean %.4f)", 1 / std,
@@ -169,6 +193,14 @@ class DiTTrainer(generator.GeneratorTrainer):
     if jax.process_index() == 0:
       self._write_latent_json(1 / std, m[0], std, count)
     return state.replace(extra={**state.extra, "latent_scale": jnp.asarray(1 / std, jnp.float32)})
+
+  def moments_program(self):
+    """jit: (micro-batch, frozen) -> (2,) float32 [mean of the codes, mean of their squares], replicated."""
+    def moments(batch, frozen):
+      codes = self._codes(pipeline_lib.normalize(batch), frozen)
+      return jnp.stack([jnp.mean(codes), jnp.mean(codes ** 2)])
+
+    return jax.jit(moments, out_shardings=parallel.replicated(self.mesh))
 
   def _write_latent_json(self, scale, mean, std, count):
     if self.workdir is not None:

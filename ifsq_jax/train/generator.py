@@ -16,21 +16,26 @@ A generator trains on a frozen tokenizer (``config.tokenizer``) with REPA
   label ``i % num_classes``), drawn by :mod:`ifsq_jax.sampling.draw` (as
   ``tools.sample`` draws them) with the ``config.sample`` options, scored by
   :class:`~ifsq_jax.train.sample_eval.SampleEvaluator` (``fd_vgg16``; FID and
-  more with Inception weights) and :meth:`GeneratorTrainer.sample_metrics`; the
-  first ``eval.grid_classes`` classes' samples become the image grid.
+  more with Inception weights) and :meth:`GeneratorTrainer.sample_metric_stream`; the
+  first ``eval.grid_classes`` classes' samples become the image grid. No host
+  holds the samples' images: each sampler call is rounded to uint8 and scored
+  on the devices that drew it, and only features are gathered
+  (:meth:`GeneratorTrainer.score_samples`).
 
 A subclass (``train/dit.py``, ``train/llamagen.py``) holds its objective, its
 model fields and its sampler options: :attr:`model_class`, :meth:`validate_task`,
 :meth:`make_module`, :meth:`example_inputs`, :meth:`code_input`, :meth:`loss` and, where needed,
-:meth:`tokenizer_groups`, :meth:`trainable` and :meth:`sample_metrics`.
+:meth:`tokenizer_groups`, :meth:`trainable` and :meth:`sample_metric_stream`.
 
 B batch, H W image size.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+import re
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -39,9 +44,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from ifsq_jax import config_lib, shapes_only
+from ifsq_jax import config_lib, parallel, shapes_only
 from ifsq_jax.data import code_shards
 from ifsq_jax.data import pipeline as pipeline_lib
+from ifsq_jax.data import transforms
+from ifsq_jax.eval import features as features_lib
 from ifsq_jax.models.pretrained import LoadedTokenizer, load_tokenizer
 from ifsq_jax.nets import repa
 from ifsq_jax.sampling import draw
@@ -96,6 +103,14 @@ def validate_generator(config: ml_collections.ConfigDict, depth: int) -> None:
   error = config_lib.ConfigError
   config_lib.validate_image_data(config)
   config_lib.require_choice(config, "repa.target", repa.TARGETS)
+  for key in ("hidden_size", "depth", "num_heads", "num_classes", "projector_dim"):
+    config_lib.require_range(config, f"model.{key}", 1)
+  # The null label replaces a label with this probability; 1 would never train the conditional model.
+  config_lib.require_range(config, "model.class_dropout_prob", 0, 1, high_open=True)
+  config_lib.require_range(config, "repa.coef", 0, note="0: no REPA loss")
+  config_lib.require_range(config, "sample.cfg_scale", 0, note="1: no guidance")
+  for key in ("grid_classes", "grid_per_class"):
+    config_lib.require_range(config, f"eval.{key}", 1)
   m, r = config.model, config.repa
   if not config.tokenizer:
     raise error("config.tokenizer is empty: name a tokenizer work dir or converted directory (for the quickstart "
@@ -117,9 +132,17 @@ def validate_generator(config: ml_collections.ConfigDict, depth: int) -> None:
   if r.target != "none" and config.data.codes_dir:
     raise error("REPA needs the images (its targets are computed from them) but config.data.codes_dir reads codes "
                 "only; train from images or set config.repa.target='none'.")
-  if config.eval.num_samples < 2 or config.sample.batch_size < 1:
-    raise error(f"config.eval.num_samples={config.eval.num_samples} must be >= 2 and config.sample.batch_size="
-                f"{config.sample.batch_size} >= 1.")
+  config_lib.require_range(config, "eval.num_samples", 2)
+  config_lib.require_range(config, "sample.batch_size", 1)
+
+
+def _keyed(group: str, error: ValueError) -> config_lib.ConfigError:
+  """A model's or sampler's ValueError as a ConfigError naming the config key.
+
+  Their messages start with the field ("shift=-1.0 must be >= 0"), which becomes ``config.<group>.shift=...``.
+  """
+  text = str(error)
+  return config_lib.ConfigError(f"config.{group}.{text}" if re.match(r"\w+=", text) else f"config.{group}: {text}")
 
 
 def open_tokenizer(config: ml_collections.ConfigDict, dtype: Any,
@@ -143,6 +166,16 @@ def tokenizer_codes(tokenizer: LoadedTokenizer, variables: Any, images: jax.Arra
   """FSQ codes (B, h, w, C) float32 of images (B, H, W, 3), without gradient."""
   codes = tokenizer.model.apply(variables, images, method=lambda m, x: m.encode(x).codes)
   return jax.lax.stop_gradient(codes.astype(jnp.float32))
+
+
+class SampleMetricStream(Protocol):
+  """A task's extra evaluation metrics, fed the evaluation's sampler calls in order (LlamaGen's CKNNA)."""
+
+  def add(self, samples: dict[str, jax.Array], labels: np.ndarray, keep: int) -> None:
+    """One call: :func:`draw.draw`'s batch-sharded arrays (images float32), labels (B,); rows past ``keep`` pad."""
+
+  def result(self) -> dict[str, float]:
+    """The metrics of everything added."""
 
 
 class GeneratorTrainer(loop.Trainer):
@@ -191,10 +224,10 @@ class GeneratorTrainer(loop.Trainer):
     del params
     return None
 
-  def sample_metrics(self, state, samples: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
-    """Extra metrics of an evaluation's samples (host arrays, every process holds all of them)."""
-    del state, samples, labels
-    return {}
+  def sample_metric_stream(self, state) -> SampleMetricStream | None:
+    """Extra metrics of an evaluation's samples, fed one sampler call at a time (None: no extra metrics)."""
+    del state
+    return None
 
   # ------------------------------------------------------------ shared parts
 
@@ -203,9 +236,14 @@ class GeneratorTrainer(loop.Trainer):
     validate_generator(config, config.model.depth)
     cls.validate_task(config)
     try:
-      draw.options(cls.model_class(**_model_fields(config)), sample_options(config))
+      module = cls.model_class(**_model_fields(config))
+      module._check()  # pylint: disable=protected-access  (what the model checks when it is first traced)
     except ValueError as e:
-      raise config_lib.ConfigError(f"config.sample: {e}") from None
+      raise _keyed("model", e) from None
+    try:
+      draw.options(module, sample_options(config))
+    except ValueError as e:
+      raise _keyed("sample", e) from None
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
@@ -332,16 +370,67 @@ class GeneratorTrainer(loop.Trainer):
                            rules=c.mesh.rules, decoder=self.decoder(state))
 
   def evaluate(self, state, step):
-    """``fd_vgg16`` (FID and more with Inception weights, and :meth:`sample_metrics`) of ``eval.num_samples``."""
+    """``fd_vgg16`` (FID and more with Inception weights, and :meth:`sample_metric_stream`) of ``eval.num_samples``.
+
+    Memory: no host array of all samples. Each sampler call's images are
+    rounded to uint8 and scored on the devices that drew them; only their
+    features are gathered (:meth:`score_samples`).
+    """
     c = self.config
     labels = np.arange(c.eval.num_samples) % self.num_classes
-    samples = self.sample_all(state, labels, seed=c.seed + 1)
-    images = samples["images"]
     classes, per = self._grid_shape()
-    if len(images) >= (per - 1) * self.num_classes + classes:  # sample i has class i % num_classes
-      rows = [images[k::self.num_classes][:per] for k in range(classes)]
-      self._grid_rows = (step, np.clip(np.stack(rows), -1, 1))
-    return {**self.evaluator.score(images), **self.sample_metrics(state, samples, labels)}
+    grid = None
+    if len(labels) >= (per - 1) * self.num_classes + classes:  # sample i has class i % num_classes
+      grid = {k + j * self.num_classes: None for k in range(classes) for j in range(per)}
+    scores = self.score_samples(state, labels, seed=c.seed + 1, keep_images=grid)
+    if grid is not None:
+      rows = [[grid[k + j * self.num_classes] for j in range(per)] for k in range(classes)]
+      self._grid_rows = (step, transforms.to_float(np.stack([np.stack(r) for r in rows])))
+    return scores
+
+  def eval_batch(self, num: int) -> int:
+    """Samples per sampler call of an evaluation of ``num`` samples (a multiple of the batch devices)."""
+    return draw.per_call(self.config.sample.batch_size, num, self.mesh)
+
+  @functools.cached_property
+  def _round_program(self):
+    """jit: images (B, H, W, 3) float32 in [-1, 1], batch-sharded -> uint8, the bytes of ``fid.to_uint8``."""
+    return jax.jit(features_lib.to_uint8, out_shardings=parallel.batch_sharding(self.mesh, 4))
+
+  def score_samples(self, state, labels: np.ndarray, seed: int,
+                    keep_images: dict[int, np.ndarray | None] | None = None) -> dict[str, float]:
+    """The evaluator's metrics and the task's extra ones of samples 0..N-1 with ``labels`` (N,), streamed.
+
+    Per sampler call: draw and decode (:func:`draw.draw`), round to uint8 and
+    compute the features on the devices holding the batch, gather the
+    features (B x 5.6k float32 with the Inception) into a ``features.Summary``,
+    and hand the call's device arrays to :meth:`sample_metric_stream`. The host
+    holds the summary (statistics, pool features and logits), never the images.
+
+    Args:
+      labels: (N,) the class of each sample.
+      seed: The sampling seed.
+      keep_images: {sample index: None}, filled with those samples' uint8 images (H, W, 3) (the grid).
+    """
+    c = self.config
+    n = len(labels)
+    opts, decoder = sample_options(c), self.decoder(state)
+    features = self.evaluator.mesh_features(self.mesh)
+    stream = self.sample_metric_stream(state)
+    summary = features_lib.Summary("samples")
+    for idx, y, keep in draw.calls(0, n, self.eval_batch(n), labels):
+      samples = draw.draw(self.module, state.ema_params, idx, y, seed, opts, mesh=self.mesh, rules=c.mesh.rules,
+                          decoder=decoder)
+      images = self._round_program(samples["images"])  # (B, H, W, 3) uint8, on the devices
+      summary.add({k: parallel.to_host(v)[:keep] for k, v in features(images).items()})
+      wanted = [int(i) for i in idx[:keep] if keep_images is not None and int(i) in keep_images]
+      if wanted:  # this call's uint8 images only, for the grid
+        host = parallel.to_host(images)
+        for i in wanted:
+          keep_images[i] = host[i - int(idx[0])]
+      if stream is not None:
+        stream.add(samples, y, keep)
+    return {**self.evaluator.score_summary(summary.result()), **(stream.result() if stream is not None else {})}
 
   def image_rows(self, state):
     """One row of samples per class (the first ``eval.grid_classes`` classes); an evaluation's when it has them."""

@@ -30,6 +30,7 @@ B batch, N tokens (grid * grid), G sub-token groups, V vocabulary, D width, L la
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ifsq_jax import config_lib
+from ifsq_jax import config_lib, parallel
 from ifsq_jax.eval.cknna import cknna
 from ifsq_jax.models import llamagen as llamagen_lib
 from ifsq_jax.nets import repa
@@ -106,12 +107,16 @@ class LlamaGenTrainer(generator.GeneratorTrainer):
     config_lib.require_choice(config, "model.attention_impl", tuple(llamagen_lib.ATTENTION_IMPLS))
     config_lib.require_choice(config, "model.remat_policy", llamagen_lib.REMAT_POLICIES)
     m, e = config.model, config.eval
-    fields = {k: v for k, v in m.to_dict().items()}
-    fields["vocab_sizes"] = tuple(fields["vocab_sizes"])
-    try:
-      llamagen_lib.LlamaGen(**fields)._check()  # pylint: disable=protected-access
-    except ValueError as err:
-      raise config_lib.ConfigError(f"config.model: {err}") from None
+    for key in ("token_dropout_prob", "dropout_prob"):
+      config_lib.require_range(config, f"model.{key}", 0, 1, high_open=True)
+    config_lib.require_range(config, "model.grid_size", 1)
+    config_lib.require_range(config, "model.factorized_depth", 0)
+    config_lib.require_range(config, "model.vocab_sizes", 1)
+    if (m.hidden_size // m.num_heads) % 4:  # the model's own _check (in validate) covers the rest of config.model
+      raise config_lib.ConfigError(f"config.model.hidden_size={m.hidden_size} / num_heads={m.num_heads} must be a "
+                                   "multiple of 4: 2D RoPE rotates head widths in multiples of 4.")
+    config_lib.require_range(config, "tokens.group_sizes", 1)
+    config_lib.require_range(config, "tokens.group_weights", 0)
     weights = tuple(config.tokens.group_weights)
     if weights and len(weights) != len(m.vocab_sizes):
       raise config_lib.ConfigError(f"config.tokens.group_weights={weights} must have one weight per token group "
@@ -213,26 +218,78 @@ class LlamaGenTrainer(generator.GeneratorTrainer):
 
     return jax.jit(features)
 
-  def sample_metrics(self, state, samples, labels):
+  def sample_metric_stream(self, state, target_params=None):
     """``cknna/layer-{l}`` for l = 0, 2, ..., L: CKNNA of the layer's mean-pooled features and the target's.
 
     The EMA model reruns teacher-forced on its own samples; CKNNA is computed
     per batch of ``eval.cknna_batch`` samples (top-k ``eval.cknna_topk``) and
-    averaged over the whole batches, as the reference does.
+    averaged over the whole batches, as the reference does. The sampler calls'
+    features are computed where the samples are and buffered on the host until
+    a CKNNA batch is whole, so the batches are those of all samples in order.
+
+    Args:
+      state: The train state (its EMA params).
+      target_params: The target's params; default: the devices' copy (the REPA
+        target's is the steps' own).
     """
-    e = self.config.eval
     if self.cknna_target is None:
+      return None
+    if target_params is None:
+      target_params = self._cknna_target_on_devices
+    return _CknnaStream(self, state.ema_params, target_params)
+
+  @functools.cached_property
+  def _cknna_target_on_devices(self):
+    if self.target is not None and self.cknna_target is self.target:
+      return self.frozen_on_devices["repa"]
+    return parallel.replicate(self.cknna_target.params, self.mesh)
+
+  def sample_metrics(self, state, samples, labels):
+    """:meth:`sample_metric_stream` of host samples (``tokens`` (N, ...), ``images`` (N, H, W, 3)) and labels (N,)."""
+    stream = self.sample_metric_stream(state, self.cknna_target.params if self.cknna_target else None)
+    if stream is None:
       return {}
-    n = e.cknna_batch
-    scores = []
-    for start in range(0, len(labels) - n + 1, n):
+    n = self.config.eval.cknna_batch
+    for start in range(0, len(labels), n):
       sl = slice(start, start + n)
-      pooled, feats = jax.device_get(self._cknna_features(
-          state.ema_params, self.cknna_target.params, jnp.asarray(samples["tokens"][sl]),
-          jnp.asarray(labels[sl], jnp.int32), jnp.asarray(samples["images"][sl])))
-      scores.append([cknna(pooled[l], feats, e.cknna_topk) for l in range(0, pooled.shape[0], 2)])
-    means = np.mean(np.asarray(scores), axis=0)
-    logging.info("CKNNA (layers 0, 2, ...) against %s: %s", self.cknna_target.name, np.round(means, 4).tolist())
+      stream.add({"tokens": jnp.asarray(samples["tokens"][sl]), "images": jnp.asarray(samples["images"][sl])},
+                 np.asarray(labels[sl]), len(labels[sl]))
+    return stream.result()
+
+
+class _CknnaStream:
+  """CKNNA of an evaluation's samples, fed sampler call by call (see ``LlamaGenTrainer.sample_metric_stream``)."""
+
+  def __init__(self, trainer: LlamaGenTrainer, params, target_params):
+    self.trainer, self.params, self.target_params = trainer, params, target_params
+    self.pooled: list[np.ndarray] = []  # (L + 1, b, D) per call, not yet in a whole CKNNA batch
+    self.feats: list[np.ndarray] = []  # (b, Z)
+    self.scores: list[list[float]] = []
+
+  def add(self, samples, labels, keep):
+    t, e = self.trainer, self.trainer.config.eval
+    labels, tokens = np.asarray(labels, np.int32), samples["tokens"]
+    on_mesh = isinstance(tokens, jax.Array) and isinstance(tokens.sharding, jax.sharding.NamedSharding)
+    if on_mesh:  # a sampler call's arrays: labels sharded as the tokens (several processes need global arrays)
+      labels = parallel.global_array(labels, t.mesh)
+    with parallel.sharding_context(t.mesh, t.config.mesh.rules) if on_mesh else contextlib.nullcontext():
+      pooled, feats = t._cknna_features(self.params, self.target_params, samples["tokens"],  # pylint: disable=protected-access
+                                        labels, samples["images"])
+    self.pooled.append(parallel.to_host(pooled)[:, :keep])
+    self.feats.append(parallel.to_host(feats)[:keep])
+    pooled, feats = np.concatenate(self.pooled, axis=1), np.concatenate(self.feats)
+    n = e.cknna_batch
+    while len(feats) >= n:
+      self.scores.append([cknna(pooled[l, :n], feats[:n], e.cknna_topk) for l in range(0, pooled.shape[0], 2)])
+      pooled, feats = pooled[:, n:], feats[n:]
+    self.pooled, self.feats = [pooled], [feats]
+
+  def result(self):
+    if not self.scores:
+      return {}
+    means = np.mean(np.asarray(self.scores), axis=0)
+    logging.info("CKNNA (layers 0, 2, ...) against %s: %s", self.trainer.cknna_target.name,
+                 np.round(means, 4).tolist())
     return {f"cknna/layer-{2 * i}": float(v) for i, v in enumerate(means)}
 
 
