@@ -177,7 +177,8 @@ def _program(model: nn.Module, opts: tuple[tuple[str, Any], ...], tokenizer: nn.
 
 def draw(model: DiT | LlamaGen, params: Any, indices: np.ndarray, labels: np.ndarray, seed: int,
          sample_options: Mapping[str, Any], *, mesh: jax.sharding.Mesh,
-         rules: Any = parallel.DEFAULT_RULES, decoder: Decoder | None = None) -> dict[str, jax.Array]:
+         rules: Any = parallel.DEFAULT_RULES, decoder: Decoder | None = None,
+         abstract: bool = False) -> dict[str, Any]:
   """Samples ``indices`` (B,) with ``labels`` (B,) of a run seeded ``seed`` (see the module docstring).
 
   Args:
@@ -190,6 +191,7 @@ def draw(model: DiT | LlamaGen, params: Any, indices: np.ndarray, labels: np.nda
     mesh: Devices the batch is split over.
     rules: Logical-axis rules of the mesh.
     decoder: The tokenizer to decode the samples with; None keeps latents or tokens.
+    abstract: Only trace the program (its errors raised, nothing computed) and return ``jax.ShapeDtypeStruct`` s.
 
   Returns:
     Batch-sharded global arrays: DiT ``latents`` (B, h, w, C) float32, LlamaGen ``tokens`` (B, N) int32
@@ -215,8 +217,30 @@ def draw(model: DiT | LlamaGen, params: Any, indices: np.ndarray, labels: np.nda
       scale = jnp.asarray(decoder.latent_scale, jnp.float32)  # an argument: one program for every scale
   program = _program(model, tuple(sorted(opts.items())), tokenizer, mesh)
   with parallel.sharding_context(mesh, rules):
-    return program(params, noise, parallel.global_array(np.asarray(labels, np.int32), mesh),
-                   batch_key(seed, indices), variables, scale)
+    run = program.eval_shape if abstract else program
+    return run(params, noise, parallel.global_array(np.asarray(labels, np.int32), mesh), batch_key(seed, indices),
+               variables, scale)
+
+
+def lower(model: DiT | LlamaGen, params: Any, batch: int, sample_options: Mapping[str, Any], *,
+          mesh: jax.sharding.Mesh, rules: Any = parallel.DEFAULT_RULES, decoder: Decoder | None = None):
+  """The program :func:`draw` runs for calls of ``batch`` samples, lowered ahead (``--compile_only``).
+
+  ``params`` and ``decoder.variables`` may be ``jax.ShapeDtypeStruct`` trees
+  (with shardings); the noise and labels are batch-sharded as :func:`draw` places them.
+  """
+  opts = options(model, sample_options)
+  rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
+  noise = None
+  if isinstance(model, DiT):
+    noise = rows((batch, model.input_size, model.input_size, model.in_channels), jnp.float32)
+  tokenizer = variables = scale = None
+  if decoder is not None:
+    tokenizer, variables = decoder.model, decoder.variables
+    scale = jax.ShapeDtypeStruct((), jnp.float32) if isinstance(model, DiT) else None
+  program = _program(model, tuple(sorted(opts.items())), tokenizer, mesh)
+  with parallel.sharding_context(mesh, rules):
+    return program.lower(params, noise, rows((batch,), jnp.int32), batch_key(0, np.zeros(1, int)), variables, scale)
 
 
 def calls(start: int, stop: int, batch: int, labels: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:

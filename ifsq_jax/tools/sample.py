@@ -49,10 +49,14 @@ error while process 0 still samples its last shard and packs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
 import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 import zipfile
@@ -63,9 +67,9 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from ifsq_jax import parallel, paths
+from ifsq_jax import checkpoint, parallel, paths
 from ifsq_jax.eval import fid
-from ifsq_jax.models import loading
+from ifsq_jax.models import loading, saved
 from ifsq_jax.models.dit import DiT
 from ifsq_jax.models.llamagen import LlamaGen
 from ifsq_jax.models.pretrained import LoadedTokenizer, load_tokenizer
@@ -115,6 +119,17 @@ class Generator:
     self.latent_scale = latent_scale
     self.decoder = draw.Decoder(tokenizer.model, parallel.replicate(tokenizer.variables, self.mesh), latent_scale)
     self.kind = "dit" if isinstance(module, DiT) else "llamagen"
+    self.source: dict[str, Any] = {}  # where the weights came from (open_generator fills it), for meta.json
+
+  def trace(self, batch: int) -> tuple[int, ...]:
+    """Traces one call of ``batch`` samples without running it; returns the image shape (H, W, 3).
+
+    Raises the sampler's error for options it refuses only while tracing, before anything is written.
+    """
+    idx, y = np.arange(batch), np.zeros(batch, np.int32)
+    out = draw.draw(self.module, self.params, idx, y, self.seed, self.options, mesh=self.mesh, decoder=self.decoder,
+                    abstract=True)
+    return tuple(out["images"].shape[1:])
 
   def images(self, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """uint8 images (B, H, W, 3) of samples ``indices`` (B,) with ``labels`` (B,); B a multiple of the devices."""
@@ -123,24 +138,133 @@ class Generator:
     return fid.to_uint8(parallel.to_host(out["images"]))
 
 
-def _run_config(model_dir: epath.PathLike) -> dict[str, Any] | None:
-  path = epath.Path(model_dir) / "config.json"
-  if loading.is_converted(model_dir) or not path.exists():
-    return None
-  return json.loads(path.read_text())
+class ModelError(ValueError):
+  """``--model`` (or ``--step``) names no generator this tool can open: the message says what was found."""
 
 
-def open_generator(model_dir: str, options: dict[str, Any], *, tokenizer: str = "", latent_scale: float = 0.0,
-                   group_sizes: Sequence[int] = (), seed: int = 0, devices: Sequence[Any] | None = None) -> Generator:
-  """The generator in ``model_dir`` (work dir or converted) with its tokenizer, ready to sample."""
-  module, params = loading.load_model(model_dir)
-  run = _run_config(model_dir)
-  tokenizer = tokenizer or (run or {}).get("tokenizer", "")
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """The generator a run samples, resolved once at its start.
+
+  Attributes:
+    path: ``--model`` made absolute.
+    workdir: The training work dir (None: a converted directory).
+    step: The checkpoint step read from the work dir (None: a converted directory).
+    load_path: What :func:`ifsq_jax.models.loading.load_model` opens: that step's directory, or the converted one.
+  """
+
+  path: str
+  workdir: str | None
+  step: int | None
+  load_path: str
+
+
+VALID_MODELS = ("a DiT or LlamaGen training work dir (config.json + checkpoints/), one of its step directories, or "
+                "a directory written by python -m ifsq_jax.convert dit or llamagen (params.safetensors + config.json)")
+
+
+def _listing(path: epath.Path) -> str:
+  try:
+    names = sorted(p.name for p in path.iterdir())
+  except OSError:
+    return "nothing readable"
+  if not names:
+    return "an empty directory"
+  return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def _saved_steps(workdir: epath.Path) -> list[int]:
+  directory = workdir / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def resolve_model(model: str, step: int | None = None) -> Resolved:
+  """The directory and checkpoint step ``--model`` (with ``--step``) names; the newest step unless ``step`` is given.
+
+  Raises:
+    ModelError: ``model`` is missing or is none of :data:`VALID_MODELS`, or ``step`` is not saved; the message
+      names what was found and what is valid.
+  """
+  root = paths.absolute(model)
+  if not root.exists():
+    raise ModelError(f"--model {model} does not exist; give {VALID_MODELS}.")
+  if saved.exists(str(root)):
+    kind = saved.kind(str(root))
+    if kind not in loading.MODELS:
+      raise ModelError(f"--model {model} holds converted weights of kind={kind!r}; give {VALID_MODELS}.")
+    if step is not None:
+      raise ModelError(f"--step={step} picks a checkpoint of a work dir, but --model {model} is a converted "
+                       f"{kind} directory (one set of weights); leave --step out.")
+    return Resolved(str(root), None, None, str(root))
+  workdir = next((d for d in (root, root.parent, root.parent.parent) if (d / "config.json").exists()), None)
+  if workdir is None:
+    raise ModelError(f"--model {model} holds {_listing(root)}; give {VALID_MODELS}.")
+  try:
+    task = json.loads((workdir / "config.json").read_text()).get("task")
+  except (OSError, ValueError, AttributeError) as e:
+    raise ModelError(f"--model {model}: {workdir / 'config.json'} cannot be read as a run config ({e}); give "
+                     f"{VALID_MODELS}.") from None
+  if task not in loading.MODELS:
+    raise ModelError(f"--model {model} is a work dir of task {task!r}; give {VALID_MODELS}.")
+  if (root / "state").exists():  # one step directory: that step
+    named = int(root.name) if root.name.isdigit() else None
+    if step is not None and step != named:
+      raise ModelError(f"--model {model} is the directory of step {named}, but --step={step}.")
+    return Resolved(str(root), str(workdir), named, str(root))
+  steps = _saved_steps(workdir)
+  if step is None:
+    try:
+      newest = checkpoint.resolve_checkpoint(workdir)
+    except FileNotFoundError:
+      raise ModelError(f"--model {model} is a {task} work dir with no checkpoint under {workdir / 'checkpoints'}; "
+                       "train it first, or give a converted directory.") from None
+    step = int(newest.name)
+  elif step not in steps:
+    raise ModelError(f"--step={step} is not saved in {workdir / 'checkpoints'}; its steps are {steps}.")
+  return Resolved(str(root), str(workdir), step, str(checkpoint.step_directory(workdir, step)))
+
+
+def fingerprint(tree: Any) -> str:
+  """sha256 of a params tree: every leaf's path, dtype, shape and bytes, in the tree's (sorted-key) order.
+
+  Hashing the weights themselves (not file names or times) says whether two runs
+  sample the same weights, wherever the files lie; it reads each byte once, about
+  a second per GB, which is little beside sampling 50,000 images.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
+    digest.update(leaf.tobytes())
+  return "sha256:" + digest.hexdigest()
+
+
+def package_version() -> str:
+  try:
+    return importlib.metadata.version("ifsq_jax")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown (not installed)"
+
+
+def _run_config(workdir: str | None) -> dict[str, Any]:
+  if workdir is None:
+    return {}
+  return json.loads((epath.Path(workdir) / "config.json").read_text())
+
+
+def open_generator(model_dir: str | Resolved, options: dict[str, Any], *, tokenizer: str = "",
+                   latent_scale: float = 0.0, group_sizes: Sequence[int] = (), seed: int = 0,
+                   devices: Sequence[Any] | None = None) -> Generator:
+  """The generator of ``model_dir`` (a path: its newest step; or :func:`resolve_model`'s step) and its tokenizer."""
+  resolved = model_dir if isinstance(model_dir, Resolved) else resolve_model(model_dir)
+  module, params = loading.load_model(resolved.load_path)
+  run = _run_config(resolved.workdir)
+  tokenizer = tokenizer or run.get("tokenizer", "")
   if not tokenizer:
-    raise ValueError(f"{model_dir} is a converted model: name its tokenizer with --tokenizer DIR.")
+    raise ValueError(f"{resolved.path} is a converted model: name its tokenizer with --tokenizer DIR.")
   tok = load_tokenizer(tokenizer)
   if isinstance(module, LlamaGen):
-    groups = tuple(group_sizes) or tuple(((run or {}).get("tokens") or {}).get("group_sizes") or ())
+    groups = tuple(group_sizes) or tuple((run.get("tokens") or {}).get("group_sizes") or ())
     if groups:
       tok = draw.regroup(tok, groups)
     if tuple(tok.config.index_sizes) != tuple(module.vocab_sizes):
@@ -148,41 +272,117 @@ def open_generator(model_dir: str, options: dict[str, Any], *, tokenizer: str = 
                        f"predicts {tuple(module.vocab_sizes)}; split FSQ indices with --group_sizes (e.g. 2,2).")
     scale = None
   else:
-    scale = latent_scale or _workdir_latent_scale(model_dir)
+    scale = latent_scale or _workdir_latent_scale(resolved.workdir)
     if not scale:
-      raise ValueError(f"{model_dir} is a converted DiT: pass the latent scale its codes were trained at with "
+      raise ValueError(f"{resolved.path} is a converted DiT: pass the latent scale its codes were trained at with "
                        "--latent_scale (a work dir keeps it in latent.json).")
-  return Generator(module, params, tok, options, scale, seed, devices or jax.local_devices())
+  gen = Generator(module, params, tok, options, scale, seed, devices or jax.local_devices())
+  gen.source = {"model": resolved.path, "workdir": resolved.workdir, "step": resolved.step,
+                "params_fingerprint": fingerprint(params), "tokenizer": str(paths.absolute(tokenizer)),
+                "tokenizer_fingerprint": fingerprint(tok.variables),
+                "group_sizes": list(tok.config.group_sizes or ()) if isinstance(module, LlamaGen) else None}
+  return gen
 
 
-def _workdir_latent_scale(model_dir: epath.PathLike) -> float:
-  path = epath.Path(model_dir) / "latent.json"
-  if not path.exists():
+def _workdir_latent_scale(workdir: str | None) -> float:
+  path = epath.Path(workdir) / "latent.json" if workdir else None
+  if path is None or not path.exists():
     return 0.0
   return float(json.loads(path.read_text())["latent_scale"])
 
 
-def _check_meta(out: epath.PathLike, meta: dict[str, Any]) -> None:
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """``field: old there, new now`` for every field (nested with dots) that differs."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += [f"{k}.{d}" for d in _differences(a, b)]
+    elif a != b:
+      out.append(f"{k}: {a!r} there, {b!r} now")
+  return out
+
+
+def _check_meta(out: epath.PathLike, meta: dict[str, Any], pinned: bool = False) -> None:
+  """Writes ``meta.json``, or checks that the one in ``out`` records exactly ``meta``.
+
+  Args:
+    out: The output directory.
+    meta: Everything that decides the samples (see ``main``).
+    pinned: Whether ``--step`` was given (else a work dir's newest step was taken).
+
+  Raises:
+    ValueError: ``out`` holds samples of other settings, naming every field that differs and how to go on.
+  """
   path = epath.Path(out) / META
   meta = json.loads(json.dumps(meta))  # as read back: tuples are lists
   if path.exists():
     old = json.loads(path.read_text())
-    options = old.get("options") or {}
-    if "steps" in options:  # the DiT's num_steps, as meta.json of earlier versions names it
-      options["num_steps"] = options.pop("steps")
-    differ = [f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in meta if old.get(k) != meta[k]]
+    if (not pinned and meta.get("workdir") and old.get("workdir") == meta["workdir"]
+        and old.get("step") is not None and old.get("step") != meta.get("step")):
+      raise ValueError(f"{out} holds samples of step {old['step']} of {meta['workdir']}, whose newest step is now "
+                       f"{meta['step']}: continue that run with --step {old['step']}, or sample step {meta['step']} "
+                       "into a new --out directory.")
+    differ = _differences(old, meta)
     if differ:
       raise ValueError(f"{out} holds samples of other settings ({'; '.join(differ)}); sample into a new --out "
-                       "directory.")
+                       "directory (or run again with the settings recorded in its meta.json).")
     return
+  path.parent.mkdir(parents=True, exist_ok=True)
   paths.write_text(path, json.dumps(meta, indent=2))
 
 
+def _duration(seconds: float) -> str:
+  """``1d 02h03m04s`` (days once past 24 h; ``time.strftime`` would wrap them)."""
+  seconds = int(round(seconds))
+  days, rest = divmod(seconds, 86400)
+  text = f"{rest // 3600:02d}h{rest % 3600 // 60:02d}m{rest % 60:02d}s"
+  return f"{days}d {text}" if days else text
+
+
+def png_path(out: epath.PathLike, index: int) -> epath.Path:
+  return epath.Path(out) / "png" / f"{index:06d}.png"
+
+
+def _write_pngs(out: epath.Path, first: int, images: np.ndarray, missing_only: bool = False) -> int:
+  """PNGs of samples ``first ..`` (each written atomically); returns how many were written."""
+  (out / "png").mkdir(parents=True, exist_ok=True)
+  written = 0
+  for i, image in enumerate(images, first):
+    if missing_only and png_path(out, i).exists():
+      continue
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    paths.write_bytes(png_path(out, i), buffer.getvalue())
+    written += 1
+  return written
+
+
+def _rebuild_pngs(out: epath.Path, shards: Sequence[int], count: int, n: int, shard_size: int) -> None:
+  """Writes the PNGs missing for committed ``shards`` from the shard files (a run without --png, or a crash)."""
+  for s in shards:
+    lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+    if all(png_path(out, i).exists() for i in range(lo, hi)):
+      continue
+    with (out / shard_name(s, count)).open("rb") as f, np.load(f) as shard:
+      written = _write_pngs(out, lo, shard["arr_0"], missing_only=True)
+    logging.info("shard %d: rebuilt %d missing PNGs from the shard", s, written)
+
+
 def write_shards(gen: Generator, out: epath.PathLike, labels: np.ndarray, *, shard_size: int, batch: int, png: bool = False,
-                 process_id: int = 0, num_processes: int = 1, max_shards: int | None = None) -> list[int]:
+                 process_id: int = 0, num_processes: int = 1, max_shards: int | None = None,
+                 pause_in_commit: tuple[int, float] | None = None) -> list[int]:
   """Writes this process's missing shards (p, p + P, ...); returns the shards written.
 
-  ``max_shards`` stops after that many (a deliberate interruption, for tests).
+  A shard is committed by renaming its complete temporary file; with ``png`` its
+  PNGs are written before that rename, and those missing for shards committed
+  earlier (a run without ``--png``) are rebuilt from the shard files first, so
+  a committed shard always has its PNGs.
+
+  Args:
+    max_shards: Stop after that many (a deliberate interruption, for tests).
+    pause_in_commit: (shard, seconds): sleep that long with that shard's temporary file written, before its rename
+      (for tests that kill the process in the middle of a shard).
   """
   out = epath.Path(out)
   n = len(labels)
@@ -192,24 +392,25 @@ def write_shards(gen: Generator, out: epath.PathLike, labels: np.ndarray, *, sha
   todo = [s for s in mine if not (out / shard_name(s, count)).exists()]
   logging.info("Process %d of %d: %d of its %d shards to write (%d images each)", process_id, num_processes,
                len(todo), len(mine), shard_size)
+  if png:
+    _rebuild_pngs(out, [s for s in mine if s not in todo], count, n, shard_size)
   written, start_time, done_images = [], time.time(), 0
   for s in todo[:max_shards]:
     lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
     images = np.concatenate([gen.images(idx, y)[:keep] for idx, y, keep in draw.calls(lo, hi, per_call, labels)])
+    if png:
+      _write_pngs(out, lo, images)
     with paths.atomic_open(out / shard_name(s, count)) as f:
       np.savez(f, arr_0=images, labels=labels[lo:hi], index=np.arange(lo, hi))
-    if png:
-      (out / "png").mkdir(parents=True, exist_ok=True)
-      for i, image in zip(range(lo, hi), images):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        paths.write_bytes(out / "png" / f"{i:06d}.png", buffer.getvalue())
+      if pause_in_commit and pause_in_commit[0] == s:
+        f.flush()
+        time.sleep(pause_in_commit[1])
     written.append(s)
     done_images += hi - lo
     rate = done_images / (time.time() - start_time)
     left = sum(min(n, (t + 1) * shard_size) - t * shard_size for t in todo[len(written):])
     logging.info("shard %d/%d written | %.2f images/s | ETA %s", s + 1, count, rate,
-                 time.strftime("%Hh%Mm%Ss", time.gmtime(left / max(rate, 1e-9))))
+                 _duration(left / max(rate, 1e-9)))
   return written
 
 
@@ -290,26 +491,41 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--coordinator_address", default=None,
                       help="host:port of process 0: start jax.distributed (with --num_processes and --process_id); "
                            "'auto' detects a TPU pod or SLURM job")
+  parser.add_argument("--step", type=int, default=None,
+                      help="work dir: the checkpoint step to sample (default: the newest; a resume keeps the step "
+                           "its meta.json records only when given it)")
   parser.add_argument("--max_shards", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--pause_in_commit", type=_floats, default=None, help=argparse.SUPPRESS)  # tests: shard,seconds
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # imports set a handler
+  # Everything that can be checked is checked before anything is written (meta.json, the output directory).
+  if args.coordinator_address != "auto" and (args.num_processes is None) != (args.process_id is None):
+    parser.error(f"--num_processes={args.num_processes} and --process_id={args.process_id}: give both or neither "
+                 "(without --process_id every process would be process 0, and they would write the same shards).")
+  if args.coordinator_address and args.coordinator_address != "auto" and args.num_processes is None:
+    parser.error(f"--coordinator_address={args.coordinator_address} needs --num_processes and --process_id "
+                 "(or --coordinator_address=auto on a TPU pod or SLURM job).")
+  problems = [f"{name}={value} must be >= 1" for name, value in
+              (("--num", args.num), ("--batch", args.batch), ("--shard_size", args.shard_size),
+               ("--steps", args.steps), ("--num_processes", args.num_processes)) if value is not None and value < 1]
+  if args.num_processes is not None and args.process_id is not None and not 0 <= args.process_id < args.num_processes:
+    problems.append(f"--process_id={args.process_id} must be in [0, {args.num_processes})")
+  if problems:
+    parser.error("; ".join(problems))
+  try:
+    resolved = resolve_model(args.model, args.step)
+  except ModelError as e:
+    parser.error(str(e))
   if args.coordinator_address:
-    if args.coordinator_address != "auto" and (args.num_processes is None or args.process_id is None):
-      parser.error(f"--coordinator_address={args.coordinator_address} needs --num_processes and --process_id "
-                   "(or --coordinator_address=auto on a TPU pod or SLURM job).")
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     num_processes, process_id = jax.process_count(), jax.process_index()
   else:
-    num_processes = args.num_processes or jax.process_count()
-    process_id = jax.process_index() if args.process_id is None else args.process_id
-  problems = [f"{name}={value} must be >= 1" for name, value in
-              (("--num", args.num), ("--batch", args.batch), ("--shard_size", args.shard_size),
-               ("--steps", args.steps), ("--num_processes", num_processes)) if value < 1]
-  if not 0 <= process_id < num_processes:
-    problems.append(f"--process_id={process_id} must be in [0, {num_processes})")
-  if problems:
-    parser.error("; ".join(problems))
-  module, _ = loading.load_model(args.model)
+    num_processes = args.num_processes or 1
+    process_id = args.process_id or 0
+  try:
+    module, _ = loading.load_model(resolved.load_path)
+  except (FileNotFoundError, ValueError) as e:  # checkpoint errors are ValueErrors
+    parser.error(f"--model {args.model}: {e}")
   kind = "dit" if isinstance(module, DiT) else "llamagen"
   cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if kind == "dit" else 2.0)
   options = {"cfg_scale": cfg_scale, "cfg_interval": args.cfg_interval}
@@ -326,22 +542,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not 1 <= num_classes <= module.num_classes:
     parser.error(f"--num_classes={num_classes} must be in [1, {module.num_classes}] (the model's classes).")
   try:
-    gen = open_generator(args.model, options, tokenizer=args.tokenizer, latent_scale=args.latent_scale,
+    gen = open_generator(resolved, options, tokenizer=args.tokenizer, latent_scale=args.latent_scale,
                          group_sizes=args.group_sizes, seed=args.seed)
+    per_call = draw.per_call(args.batch, args.shard_size, gen.mesh)
+    image_shape = gen.trace(per_call)  # a sampler option refused only while tracing fails here, not mid-run
   except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
+  # Everything that decides the samples: a resume must match it exactly.
+  meta = {"package_version": package_version(), "kind": kind, **gen.source,
+          "architecture": _fields(module), "latent_scale": gen.latent_scale, "options": options, "num": args.num,
+          "labels": args.labels, "num_classes": num_classes, "seed": args.seed, "image_shape": image_shape,
+          "batch": args.batch, "shard_size": args.shard_size, "per_call": per_call,
+          "batch_devices": parallel.batch_devices(gen.mesh)}
   out = epath.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  meta = {"model": str(paths.absolute(args.model)), "kind": kind, "num": args.num, "labels": args.labels,
-          "num_classes": num_classes, "seed": args.seed, "batch": args.batch, "shard_size": args.shard_size,
-          "options": options, "latent_scale": gen.latent_scale}
   try:
-    _check_meta(out, meta)
+    _check_meta(out, meta, pinned=args.step is not None)
   except ValueError as e:
     parser.error(str(e))
   labels = make_labels(args.num, num_classes, args.seed, args.labels)
   write_shards(gen, out, labels, shard_size=args.shard_size, batch=args.batch, png=args.png,
-               process_id=process_id, num_processes=num_processes, max_shards=args.max_shards)
+               process_id=process_id, num_processes=num_processes, max_shards=args.max_shards,
+               pause_in_commit=args.pause_in_commit and (int(args.pause_in_commit[0]), args.pause_in_commit[1]))
   if process_id != 0:
     return 0
   count = math.ceil(args.num / args.shard_size)
@@ -353,6 +574,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     time.sleep(10)
   logging.info("Wrote %s", pack(out, args.num, args.shard_size))
   return 0
+
+
+def _fields(module: DiT | LlamaGen) -> dict[str, Any]:
+  """The module's hyper-parameters as JSON values (the dtype by name)."""
+  out = {}
+  for f in dataclasses.fields(module):
+    if f.name in ("parent", "name"):
+      continue
+    value = getattr(module, f.name)
+    out[f.name] = value if isinstance(value, (bool, int, float, str, tuple, list, type(None))) else str(value)
+  return out
 
 
 if __name__ == "__main__":
