@@ -1,9 +1,11 @@
 r"""Entry point: ``python -m ifsq_jax.main --config=configs/<name>.py[:variant] --workdir=DIR``.
 
 Overrides: ``--config.train.num_steps=10``. ``--compile_only`` validates the
-config, compiles every train step the run would use on the devices at hand,
-prints their memory per device (arguments, outputs, temporaries) and FLOPs and
-exits without touching the work dir or reading any weights; with
+config, compiles every train step the run would use on the devices at hand and
+the programs beside them (a generator's latent-scale pass and evaluation:
+sampler with decoder, uint8 rounding, feature networks), prints their memory per
+device (arguments, outputs, temporaries) and the steps' FLOPs and exits without
+touching the work dir or reading any weights but the packaged VGG16's; with
 ``--topology=v5e:4x4`` (v4, v5e, v5p, v6e) it compiles for that TPU slice
 instead, on any host with the ``tpu`` extra installed. The same command runs on every host
 of a multi-host job: ``jax.distributed`` is initialised when
@@ -35,8 +37,8 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
-flags.DEFINE_bool("compile_only", False, "Compile every train step, print its memory per device and exit; "
-                  "writes nothing.")
+flags.DEFINE_bool("compile_only", False, "Compile every train step and evaluation program, print their memory "
+                  "per device and exit; writes nothing.")
 flags.DEFINE_string("topology", None, "With --compile_only: compile for this TPU topology instead of the devices "
                     "at hand, e.g. v4:2x2x2, v5e:4x4, v5p:2x2x4, v6e:8x8 (needs the tpu extra).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -88,7 +90,8 @@ def main(argv):
       return
     task.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as e:
-    sys.exit(f"Invalid config: {e}")
+    # One line (exit status 1), before the work dir is created: the key, its value and what is valid.
+    sys.exit("Invalid config: " + " ".join(str(e).splitlines()))
   except (data.DataError, checkpoint.CheckpointError, loop.NonFiniteError, loop.DoesNotFit) as e:
     sys.exit(f"{type(e).__name__}: {e}")
 
@@ -106,11 +109,12 @@ def compile_only(task, config, topology_name: str | None) -> None:
   else:
     devices = jax.devices()
     where = f"{len(devices)} {devices[0].platform} devices"
-  memory = loop.compile_steps(task.TRAINER, config, schema=task.default_config(), devices=devices)
+  steps, others = loop.compile_run(task.TRAINER, config, schema=task.default_config(), devices=devices)
+  memory = steps + others
   m = config.mesh
   shape = parallel.mesh_shape(m.data, m.fsdp, m.tensor, len(devices))
-  print(f"Compiled train steps of {config.task!r}, global batch {config.train.global_batch_size}, mesh {shape} "
-        f"on {where}:")
+  print(f"Compiled train steps{' and the programs beside them' if others else ''} of {config.task!r}, global batch "
+        f"{config.train.global_batch_size}, mesh {shape} on {where}:")
   print(loop.memory_table(memory))
   peak = max(r.peak for r in memory)
   print(f"Largest peak: {peak / 2**30:.2f} GiB per device.")

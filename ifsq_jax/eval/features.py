@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ifsq_jax import parallel
+from ifsq_jax import parallel, shapes_only
 from ifsq_jax.eval import fid, generative
 from ifsq_jax.models import saved
 from ifsq_jax.nets import inception as inception_net
@@ -90,13 +90,18 @@ class FeatureExtractor:
     self.inception_key = None
     self.has_logits = False
     self._inception = None
-    if inception_dir:
+    if inception_dir and shapes_only.active():  # compiling ahead (--compile_only): the architecture, no weights
+      module = inception_net.InceptionV3FID(preprocess=preprocess)
+      self._variables = shapes_only.init_shapes(module.init, np.zeros((1, 299, 299, 3), np.float32))
+      self.has_logits = inception_net.has_classifier(self._variables)
+    elif inception_dir:
       module, variables = saved.load_inception(inception_dir, preprocess=preprocess)
       self.has_logits = inception_net.has_classifier(variables)
       self._variables = jax.device_put(variables)  # once, not from the host at every batch
+      self.inception_key = file_digest(epath.Path(inception_dir) / "params.safetensors")
+    if inception_dir:
       outputs = ("pool", "spatial") + (("logits_unbiased",) if self.has_logits else ())
       self._inception = inception_program(module, outputs)
-      self.inception_key = file_digest(epath.Path(inception_dir) / "params.safetensors")
 
   @property
   def has_inception(self) -> bool:
@@ -234,9 +239,19 @@ class MeshFeatures:
     weights = {"vgg16": fid.vgg16_params()}
     if extractor.has_inception:
       weights["inception"] = extractor._variables  # pylint: disable=protected-access
-    self.weights = parallel.replicate(jax.device_get(weights), mesh)
+    # On the host (or shapes only, when compiling ahead) until the first call places them on the mesh.
+    self._host_weights = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x),
+                                      weights)
+    self._weights = None
     self._inception = extractor._inception  # pylint: disable=protected-access
     self.program = self._program()
+
+  @property
+  def weights(self) -> Any:
+    """The networks' weights replicated over the mesh (placed on first use)."""
+    if self._weights is None:
+      self._weights = parallel.replicate(self._host_weights, self.mesh)
+    return self._weights
 
   def _program(self):
     unit = np.arange(256, dtype=np.uint8) / np.float32(255.0)  # the extractor's x = images / 255 (float32, on the host)
@@ -256,9 +271,12 @@ class MeshFeatures:
     """uint8 (B, H, W, 3) batch-sharded -> {"vgg16": (B, 512)} and, with the Inception, pool / spatial / logits."""
     return self.program(self.weights, images)
 
-  def lower(self, images: jax.ShapeDtypeStruct):
-    """The program lowered for images of this shape (for ``--compile_only``)."""
-    return self.program.lower(self.weights, images)
+  def lower(self, batch: int, size: int):
+    """The program lowered for (batch, size, size, 3) uint8 images, from the weights' shapes (``--compile_only``)."""
+    replicated = parallel.replicated(self.mesh)
+    weights = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self._host_weights)
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=parallel.batch_sharding(self.mesh, 4))
+    return self.program.lower(weights, images)
 
 
 def generative_metrics(fake: dict[str, Any], fid_reference: tuple[np.ndarray, np.ndarray] | None,

@@ -194,6 +194,18 @@ class DiTTrainer(generator.GeneratorTrainer):
       self._write_latent_json(1 / std, m[0], std, count)
     return state.replace(extra={**state.extra, "latent_scale": jnp.asarray(1 / std, jnp.float32)})
 
+  def other_programs(self, state, frozen):
+    """The latent-scale pass (when it is measured) at the step's micro-batch, then the evaluation's programs."""
+    out = {}
+    c = self.config
+    if c.latent.scale <= 0:
+      rows = c.train.global_batch_size // c.train.grad_accum_steps
+      batch = {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype,
+                                       sharding=parallel.batch_sharding(self.mesh, len(v.shape)))
+               for k, v in self.batch_shapes().items()}
+      out[f"latent scale ({rows})"] = self.moments_program().lower(batch, frozen)
+    return {**out, **super().other_programs(state, frozen)}
+
   def moments_program(self):
     """jit: (micro-batch, frozen) -> (2,) float32 [mean of the codes, mean of their squares], replicated."""
     def moments(batch, frozen):

@@ -397,6 +397,20 @@ class GeneratorTrainer(loop.Trainer):
     """jit: images (B, H, W, 3) float32 in [-1, 1], batch-sharded -> uint8, the bytes of ``fid.to_uint8``."""
     return jax.jit(features_lib.to_uint8, out_shardings=parallel.batch_sharding(self.mesh, 4))
 
+  def other_programs(self, state, frozen):
+    """The evaluation's programs at its call size: sampler with decoder, uint8 rounding, feature networks.
+
+    LlamaGen's CKNNA program (``eval.cknna``) is not among them.
+    """
+    c = self.config
+    n, size = self.eval_batch(c.eval.num_samples), c.data.image_size
+    decoder = draw.Decoder(self.tokenizer.model, frozen["tokenizer"])
+    images = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=parallel.batch_sharding(self.mesh, 4))
+    return {f"eval: sample + decode ({n})": draw.lower(self.module, state.ema_params, n, sample_options(c),
+                                                        mesh=self.mesh, rules=c.mesh.rules, decoder=decoder),
+            f"eval: to uint8 ({n})": self._round_program.lower(images),
+            f"eval: features ({n})": self.evaluator.mesh_features(self.mesh).lower(n, size)}
+
   def score_samples(self, state, labels: np.ndarray, seed: int,
                     keep_images: dict[int, np.ndarray | None] | None = None) -> dict[str, float]:
     """The evaluator's metrics and the task's extra ones of samples 0..N-1 with ``labels`` (N,), streamed.

@@ -135,6 +135,16 @@ class Trainer:
     del data, frozen
     return state
 
+  def other_programs(self, state: Any, frozen: Any) -> dict[str, Any]:
+    """The run's compiled programs besides the train steps (preparation, evaluation), lowered ahead.
+
+    For ``--compile_only``: ``state`` and ``frozen`` are ``jax.ShapeDtypeStruct``
+    trees with their shardings. Returns {name: ``jax.stages.Lowered``} in the
+    order to list them; the default has none.
+    """
+    del state, frozen
+    return {}
+
   def evaluate(self, state: state_lib.TrainState, step: int) -> dict[str, float]:
     """Evaluation metrics (host floats); called every ``train.eval_every`` steps and at the end."""
     del state, step
@@ -173,8 +183,9 @@ def memory_table(rows: list[StepMemory]) -> str:
   mib = lambda b: f"{b / 2**20:,.1f}"
   lines = ["step kind | arguments | outputs | aliased | temporaries | peak | code  [MiB per device] | TFLOPs"]
   for r in rows:
+    tflops = f"{r.flops / 1e12:,.3f}" if r.flops else "-"  # 0: not counted (the programs besides the steps)
     lines.append(f"{r.kind} | {mib(r.arguments)} | {mib(r.outputs)} | {mib(r.aliased)} | {mib(r.temporaries)} | "
-                 f"{mib(r.peak)} | {mib(r.code)} | {r.flops / 1e12:,.3f}")
+                 f"{mib(r.peak)} | {mib(r.code)} | {tflops}")
   return "\n".join(lines)
 
 
@@ -330,6 +341,23 @@ def compile_steps(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
                 run.args, run_id=-1, count_flops=True).memory
 
 
+def compile_run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict,
+                schema: ml_collections.ConfigDict | None = None,
+                devices: list | None = None) -> tuple[list[StepMemory], list[StepMemory]]:
+  """:func:`compile_steps`, and the trainer's :meth:`Trainer.other_programs` (evaluation, preparation) compiled too.
+
+  Returns:
+    (the train steps' rows, the other programs' rows: per-device memory; their FLOPs are not counted).
+  """
+  run = abstract_run(trainer_cls, config, schema, devices)
+  steps = _Steps(run.trainer.train_steps(), run.kinds, run.shardings, run.mesh, config.mesh.rules, config.seed,
+                 run.args, run_id=-1, count_flops=True).memory
+  state, _, frozen = run.args
+  with parallel.sharding_context(run.mesh, config.mesh.rules):
+    lowered = run.trainer.other_programs(state, frozen)
+  return steps, [_memory(name, program.compile(), 0.0) for name, program in lowered.items()]
+
+
 @dataclasses.dataclass
 class AbstractRun:
   """A validated run as shapes only: its trainer, mesh, state shardings, step arguments and step kinds."""
@@ -411,20 +439,26 @@ def run(trainer_cls: type[Trainer], config: ml_collections.ConfigDict, workdir: 
   """
   workdir = epath.Path(workdir)
   devices = list(jax.devices() if devices is None else devices)
+  # Every config error comes before the work dir is touched: the config's own checks, then what only the trainer
+  # and its data can tell (a tokenizer that does not fit the model, shards of the wrong codes).
   validate(trainer_cls, config, schema, len(devices))
-  workdir.mkdir(parents=True, exist_ok=True)
-  _write_config(workdir, config)
   m = config.mesh
   mesh = _mesh(m, devices)
   logging.info("Process %d of %d; %d local / %d global devices; mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape))
   trainer = trainer_cls(config, mesh)
+  data = trainer.train_data(jax.process_index(), jax.process_count())
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_config(workdir, config)
+  except BaseException:
+    data.close()
+    raise
   trainer.workdir = workdir
   t = config.train
 
   init_key, _ = jax.random.split(jax.random.key(config.seed))
   shardings, abstract = abstract_state(trainer, init_key, mesh, m.rules)
-  data = trainer.train_data(jax.process_index(), jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
   frozen = trainer.frozen_on_devices  # placed once; passed to every step and evaluation program
