@@ -311,6 +311,7 @@ def test_two_processes_under_jax_distributed_write_what_one_process_writes(dirs,
     assert p.returncode == 0, out[-6000:]
   for p in (0, 1):
     assert f"jax.distributed: process {p} of 2, 4 local / 8 global devices" in outs[p], outs[p][-3000:]
+    assert "[Gloo]" not in outs[p]  # in-process collectives: the tool never needs any across processes
   assert "Process 1 of 2: 1 of its 1 shards to write" in outs[1]  # shard 1; process 0 writes shards 0 and 2
   assert "Process 0 of 1: 3 of its 3 shards" in outs[2]
   for name in ("samples_20x32x32x3.npz", *(sample.shard_name(s, 3) for s in range(3))):

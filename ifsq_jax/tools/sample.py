@@ -442,7 +442,16 @@ def pack(out: epath.PathLike, num: int, shard_size: int) -> str:
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int | None, process_id: int | None) -> None:
-  """``jax.distributed.initialize`` at ``coordinator_address`` (``auto``: detected from the cluster)."""
+  """``jax.distributed.initialize`` at ``coordinator_address`` (``auto``: detected from the cluster).
+
+  Sampling never needs a collective across processes (each process samples on
+  its own devices), so the CPU client keeps in-process collectives
+  (``jax_cpu_collectives_implementation=None``): with JAX's default under
+  ``jax.distributed`` (gloo), the collectives *inside* a process's own program
+  would also run as gloo over TCP, one rank per local CPU device, and a wedged
+  rank would stall the process (GPU and TPU clients are not affected by this option).
+  """
+  jax.config.update("jax_cpu_collectives_implementation", None)
   if coordinator_address == "auto":
     jax.distributed.initialize(shutdown_timeout_seconds=SHUTDOWN_WAIT_S)
   else:
