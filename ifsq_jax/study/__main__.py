@@ -165,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   ref = cells_lib.Reference(clf, np.repeat(test_images[..., None], 3, -1), np.asarray(test_labels, np.int32))
   progress = Progress(todo, grid, len(selected) - len(todo), len(selected))
-  print(f"{len(todo)} of {len(selected)} cells to run in {out}", flush=True)
+  eta = sum(progress.estimate(c.kind) for c in todo)
+  print(f"{len(todo)} of {len(selected)} cells to run in {out}; estimated {writers.format_eta(eta)}", flush=True)
   flops: dict[str, float] = {}
   ran = 0
   for cell in list(todo):

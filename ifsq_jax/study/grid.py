@@ -96,13 +96,13 @@ class Grid:
   seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-_FULL = Sizes(tok_width=32, tok_steps=300, tok_batch=16, tok_lr=2e-3,
+_FULL = Sizes(tok_width=32, tok_steps=150, tok_batch=16, tok_lr=2e-3,
               dit_depth=3, dit_width=96, dit_heads=3, ar_depth=3, ar_width=96, ar_heads=3,
-              gen_batch=32, gen_lr=1e-3, gen_warmup=50, budget_flops=4e12,
-              eval_fractions=(0.25, 0.5, 1.0), sample_steps=20, gen_samples=500, rec_images=1000,
-              clf_steps=2000, clf_batch=128, clf_width=16)
-_SMOKE = dataclasses.replace(_FULL, tok_steps=150, budget_flops=1.5e12, eval_fractions=(0.5, 1.0), gen_samples=300,
-                             rec_images=500, clf_steps=300)
+              gen_batch=16, gen_lr=1e-3, gen_warmup=50, budget_flops=1e12,
+              eval_fractions=(0.25, 0.5, 1.0), sample_steps=10, gen_samples=300, rec_images=500,
+              clf_steps=2500, clf_batch=128, clf_width=16)
+_SMOKE = dataclasses.replace(_FULL, tok_steps=100, budget_flops=5e11, eval_fractions=(0.5, 1.0), gen_samples=200,
+                             rec_images=300, clf_steps=400)
 _TINY = Sizes(tok_width=32, tok_steps=6, tok_batch=8, tok_lr=2e-3, dit_depth=1, dit_width=32, dit_heads=2,
               ar_depth=1, ar_width=32, ar_heads=2, gen_batch=8, gen_lr=1e-3, gen_warmup=0, budget_flops=2e9,
               eval_fractions=(0.5, 1.0), sample_steps=2, gen_samples=20, rec_images=12, clf_steps=4, clf_batch=8,
