@@ -1,15 +1,16 @@
 r"""Sample a trained generator (DiT or LlamaGen) in resumable shards, packed for ADM's evaluator.
 
-  python -m ifsq_jax.tools.sample --model DIR --out OUT_DIR [--tokenizer DIR] [--num 50000] \
+  python -m ifsq_jax.tools.sample --model DIR --out OUT_DIR [--step N] [--tokenizer DIR] [--num 50000] \
       [--labels balanced|uniform] [--seed 0] [--batch 64] [--shard_size 1000] [--png] \
       [DiT: --steps 250 --method euler|heun --mode ode|sde --shift 0 --cfg_scale 1 --cfg_interval 0,1
             --cfg_channels 0 --latent_scale S]
       [LlamaGen: --cfg_scale 2 --cfg_interval 0,1 --temperature 1 --top_k 0 --top_p 1 --group_sizes 2,2]
       [--num_processes P --process_id p] [--coordinator_address HOST:PORT|auto]
 
-``--model`` is a training work dir (its EMA weights, tokenizer, latent scale and
-token groups are read from it) or a converted directory (then name the tokenizer,
-and for DiT the latent scale). Labels are class-balanced by default: a seeded
+``--model`` is a training work dir (the EMA weights of its newest step, or of
+``--step``; its tokenizer, latent scale and token groups are read from it), one
+of its step directories, or a converted directory (then name the tokenizer, and
+for DiT the latent scale). Labels are class-balanced by default: a seeded
 permutation of ``i % num_classes``, so every class has N / C samples
 (``uniform`` draws them independently). ``--cfg_interval lo,hi`` guides the
 evaluations at sampling progress p with ``lo <= p < hi`` (DiT: the flow time;
@@ -19,10 +20,15 @@ Output: ``shard-SSSSS-of-NNNNN.npz`` (``arr_0`` uint8 (n, H, W, 3), ``labels``,
 ``index``), each written under a temporary name and renamed when complete, and
 once every shard exists, ``samples_NxHxWx3.npz`` with ``arr_0`` (N, H, W, 3) uint8
 and ``arr_1`` the labels, the layout of ADM's sample batches (streamed into the
-file, never held in memory whole); ``--png`` also writes ``png/IIIIII.png``.
-``meta.json`` records the settings; running again with other settings into the same
-directory is an error, so shards of two runs never mix. Every path may be
-``gs://...`` (:mod:`ifsq_jax.paths`).
+file, never held in memory whole); ``--png`` also writes ``png/IIIIII.png``, each
+before its shard's rename (missing ones of committed shards are rebuilt from them).
+Every option is checked, and the sampler's program traced, before anything is
+written. ``meta.json`` records everything that decides the samples (checkpoint
+path and step, params and tokenizer fingerprints, token groups, latent scale,
+sampler options, number, labels, seed, image shape, batch layout, package
+version); a run into a directory whose ``meta.json`` differs is one error naming
+the fields, so shards of two runs never mix. Every path may be ``gs://...``
+(:mod:`ifsq_jax.paths`).
 
 Samples are drawn by :mod:`ifsq_jax.sampling.draw`, as in-training evaluation
 draws them. Randomness is a function of (seed, sample index) and the batch layout (fixed by
@@ -40,7 +46,8 @@ on its own devices, so they need no coordinator. Process 0 waits for the others'
 shards and packs them. Under ``jax.distributed`` the process index and count are
 taken from JAX: ``--coordinator_address HOST:PORT`` (with ``--num_processes`` and
 ``--process_id``) initialises it, as ``ifsq_jax.main`` does, and
-``--coordinator_address auto`` lets JAX detect a TPU pod or SLURM job. Processes
+``--coordinator_address auto`` lets JAX detect a TPU pod or SLURM job (see
+:func:`initialize_distributed` for the CPU collectives). Processes
 that finish first wait for the rest in JAX's shutdown barrier, for up to
 ``SHUTDOWN_WAIT_S`` (JAX's default of 5 minutes could end them with a timeout
 error while process 0 still samples its last shard and packs).
@@ -369,8 +376,8 @@ def _rebuild_pngs(out: epath.Path, shards: Sequence[int], count: int, n: int, sh
     logging.info("shard %d: rebuilt %d missing PNGs from the shard", s, written)
 
 
-def write_shards(gen: Generator, out: epath.PathLike, labels: np.ndarray, *, shard_size: int, batch: int, png: bool = False,
-                 process_id: int = 0, num_processes: int = 1, max_shards: int | None = None,
+def write_shards(gen: Generator, out: epath.PathLike, labels: np.ndarray, *, shard_size: int, batch: int,
+                 png: bool = False, process_id: int = 0, num_processes: int = 1, max_shards: int | None = None,
                  pause_in_commit: tuple[int, float] | None = None) -> list[int]:
   """Writes this process's missing shards (p, p + P, ...); returns the shards written.
 
