@@ -233,12 +233,52 @@ def _check_tfds(d: ml_collections.ConfigDict) -> None:
            "train on an image folder: config.data.name='image_folder' config.data.path=DIR.")
 
 
-def require_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[Any, ...]) -> None:
-  """ConfigError unless the dotted ``key`` of ``config`` is one of ``choices``."""
+def value_at(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of the dotted ``key`` (``"model.levels"``) of ``config``."""
   node = config
   for part in key.split("."):
     node = node[part]
+  return node
+
+
+def require_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[Any, ...]) -> None:
+  """ConfigError unless the dotted ``key`` of ``config`` is one of ``choices``."""
+  node = value_at(config, key)
   _require(node in choices, f"config.{key}={node!r} is not valid; use one of {choices}.")
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+  num = lambda x: str(x) if isinstance(x, int) else f"{x:g}"
+  if low is not None and high is not None:
+    return f"in {'(' if low_open else '['}{num(low)}, {num(high)}{')' if high_open else ']'}"
+  if low is not None:
+    return f"{'>' if low_open else '>='} {num(low)}"
+  return f"{'<' if high_open else '<='} {num(high)}"
+
+
+def require_range(config: ml_collections.ConfigDict, key: str, low: float | None = None, high: float | None = None,
+                  *, low_open: bool = False, high_open: bool = False, note: str = "") -> None:
+  """ConfigError unless the number at the dotted ``key`` (or each number of a tuple there) lies in the range.
+
+  Args:
+    config: The run's config.
+    key: A dotted key, e.g. ``"transport.sigma"``.
+    low: The least valid value (None: unbounded below); excluded with ``low_open``.
+    high: The greatest valid value (None: unbounded above); excluded with ``high_open``.
+    note: What a special value means, appended in parentheses (``"0: off"``).
+  """
+  value = value_at(config, key)
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+  def ok(v):
+    above = low is None or (v > low if low_open else v >= low)
+    return above and (high is None or (v < high if high_open else v <= high))
+
+  if not all(ok(v) for v in values):
+    each = "hold values " if isinstance(value, (tuple, list)) else "be "
+    value = tuple(value) if isinstance(value, list) else value
+    extra = f" ({note})" if note else ""
+    raise ConfigError(f"config.{key}={value!r} must {each}{_range_text(low, high, low_open, high_open)}{extra}.")
 
 
 def _type_name(value: Any) -> str:
@@ -299,6 +339,27 @@ def check_platform(wanted: str, platform: str | None) -> None:
                       f"{_PLATFORM_HINTS[wanted]}. (config.mesh.platform='' runs on whatever devices JAX has.)")
 
 
+def check_attention_impl(config: ml_collections.ConfigDict, platform: str | None) -> None:
+  """ConfigError for ``config.model.attention_impl='cudnn'`` off a GPU or without a 16-bit compute dtype.
+
+  cuDNN's flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``) runs only on NVIDIA GPUs
+  and only in bfloat16 or float16; otherwise it fails when the step is first traced.
+
+  Args:
+    config: The run's config (a task without ``model.attention_impl`` passes).
+    platform: The platform of the run's devices; None: not known here (``config.mesh.platform`` stands in).
+  """
+  model = config.get("model")
+  if model is None or model.get("attention_impl") != "cudnn":
+    return
+  where = platform or config.mesh.get("platform", "") or None
+  dtype = config.train.compute_dtype
+  if (where is not None and where != "gpu") or dtype not in ("bfloat16", "float16"):
+    raise ConfigError(f"config.model.attention_impl='cudnn' runs only on GPUs in bfloat16 or float16, but this run has "
+                      f"{where or 'unknown'} devices and config.train.compute_dtype={dtype!r}; use "
+                      "config.model.attention_impl='xla' (or a GPU with config.train.compute_dtype='bfloat16').")
+
+
 def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
              device_count: int, process_count: int = 1, platform: str | None = None) -> None:
   """Checks a config before any compile; raises one ConfigError naming the key.
@@ -315,6 +376,8 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   t, o, m = config.train, config.optimizer, config.mesh
   # First: on a host without the devices asked for, the device count would make the other checks misleading.
   check_platform(m.get("platform", ""), platform)
+  # The data pipeline seeds numpy with it (no negative seeds); evaluation draws with seed + 1 and + 2.
+  require_range(config, "seed", 0, 2**62, high_open=True)
   for key in ("num_steps", "global_batch_size", "grad_accum_steps", "log_every"):
     _require(t[key] >= 1, f"config.train.{key}={t[key]} must be >= 1.")
   for key in ("eval_every", "image_every"):
@@ -334,6 +397,13 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   _require(o.schedule in SCHEDULES, f"config.optimizer.schedule={o.schedule!r} must be one of {SCHEDULES}.")
   _require(o.decay_mask in DECAY_MASKS, f"config.optimizer.decay_mask={o.decay_mask!r} must be one of {DECAY_MASKS}.")
   _require(o.grad_clip_norm >= 0, f"config.optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0: off).")
+  for key in ("b1", "b2"):
+    require_range(config, f"optimizer.{key}", 0, 1, high_open=True)
+  require_range(config, "optimizer.eps", 0, low_open=True)  # Adam divides by sqrt(v) + eps
+  require_range(config, "optimizer.weight_decay", 0)
+  require_range(config, "optimizer.warmup_steps", 0, note="0: no warmup")
+  require_range(config, "optimizer.min_lr_ratio", 0, 1)
+  check_attention_impl(config, platform)
 
   try:
     shape = parallel.mesh_shape(m.data, m.fsdp, m.tensor, device_count)

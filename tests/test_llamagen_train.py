@@ -219,7 +219,7 @@ def test_init_from_converted_weights(tokenizer_dir, tmp_path):
     ({"model.encoder_depth": 3}, "encoder_depth=3"),
     ({"model.vocab_sizes": (289, 25, 5, 5, 5)}, "vocab_sizes=.*1 to 4"),
     ({"tokens.group_weights": (1.0,)}, "group_weights=\\(1.0,\\).*one weight per token group"),
-    ({"sample.top_p": 1.5}, "config.sample: top_p=1.5"),
+    ({"sample.top_p": 1.5}, "config.sample.top_p=1.5"),
     ({"sample.cfg_interval": (0.5, 0.2)}, "cfg_interval"),
     ({"eval.cknna_batch": 40}, "cknna_batch \\(40\\) <= num_samples \\(24\\)"),
     ({"model.attention_impl": "flash"}, "attention_impl='flash'"),

@@ -115,9 +115,8 @@ class DiTTrainer(generator.GeneratorTrainer):
     config_lib.require_choice(config, "model.attention_impl", tuple(dit_lib.ATTENTION_IMPLS))
     config_lib.require_choice(config, "model.remat_policy", dit_lib.REMAT_POLICIES)
     m = config.model
-    if config.latent.scale < 0 or config.latent.scale_batches < 1:
-      raise config_lib.ConfigError(f"config.latent.scale={config.latent.scale} must be >= 0 (0: measure) and "
-                                   f"config.latent.scale_batches={config.latent.scale_batches} >= 1.")
+    config_lib.require_range(config, "latent.scale", 0, note="0: measure")
+    config_lib.require_range(config, "latent.scale_batches", 1)
     # sigma spreads the logit-normal t and shift remaps t: both fail when the step is first traced otherwise.
     config_lib.require_range(config, "transport.sigma", 0, low_open=True)
     config_lib.require_range(config, "transport.shift", 0, low_open=True, note="1: no shift")
@@ -128,9 +127,9 @@ class DiTTrainer(generator.GeneratorTrainer):
       raise config_lib.ConfigError(
           f"config.model.hidden_size={m.hidden_size} must be a multiple of 4 (the 2D sin-cos table) and, with "
           f"use_rope, of 4 x num_heads={m.num_heads} (2D RoPE rotates head widths in multiples of 4).")
-    if m.input_size % m.patch_size or m.hidden_size % m.num_heads:
-      raise config_lib.ConfigError(f"config.model: patch_size={m.patch_size} must divide input_size={m.input_size} "
-                                   f"and num_heads={m.num_heads} must divide hidden_size={m.hidden_size}.")
+    if m.input_size % m.patch_size:  # hidden_size % num_heads: the model's own _check, in validate
+      raise config_lib.ConfigError(f"config.model.patch_size={m.patch_size} must divide config.model.input_size="
+                                   f"{m.input_size}.")
 
   def make_module(self):
     c = self.config

@@ -105,6 +105,9 @@ def validate_generator(config: ml_collections.ConfigDict, depth: int) -> None:
   config_lib.require_choice(config, "repa.target", repa.TARGETS)
   for key in ("hidden_size", "depth", "num_heads", "num_classes", "projector_dim"):
     config_lib.require_range(config, f"model.{key}", 1)
+  if config.model.hidden_size % config.model.num_heads:
+    raise error(f"config.model.hidden_size={config.model.hidden_size} must be a multiple of config.model.num_heads="
+                f"{config.model.num_heads}.")
   # The null label replaces a label with this probability; 1 would never train the conditional model.
   config_lib.require_range(config, "model.class_dropout_prob", 0, 1, high_open=True)
   config_lib.require_range(config, "repa.coef", 0, note="0: no REPA loss")

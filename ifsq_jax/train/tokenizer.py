@@ -40,6 +40,7 @@ from ifsq_jax import config_lib, parallel
 from ifsq_jax.data import pipeline as pipeline_lib
 from ifsq_jax.eval import reconstruction as recon_lib
 from ifsq_jax.models import pretrained
+from ifsq_jax.models.conv import IMPLS
 from ifsq_jax.models.discriminator import PatchDiscriminator
 from ifsq_jax.models.tokenizer import BOTTLENECKS, Tokenizer, TokenizerConfig, conv_out
 from ifsq_jax.nets import lpips
@@ -129,6 +130,9 @@ class TokenizerTrainer(loop.Trainer):
     m, l = config.model, config.loss
     config_lib.require_choice(config, "model.bottleneck", BOTTLENECKS)
     config_lib.require_choice(config, "loss.rec_type", objective.REC_TYPES)
+    for key in ("hidden_size", "hidden_size_mult", "num_res_blocks", "z_channels", "embed_dim", "vq_codebook_size",
+                "attn_resolutions"):
+      config_lib.require_range(config, f"model.{key}", 1)
     if m.bottleneck in ("ifsq", "fsq"):
       bad = [v for v in m.levels if v < 2]
       if bad or len(m.levels) != m.embed_dim:
@@ -152,10 +156,25 @@ class TokenizerTrainer(loop.Trainer):
         raise config_lib.ConfigError(f"config.loss.{key}={l[key]} must be >= 1.")
     if l.disc_start < 0:
       raise config_lib.ConfigError(f"config.loss.disc_start={l.disc_start} must be >= 0.")
+    for key in ("perceptual_weight", "disc_weight", "disc_factor", "kl_weight", "codebook_weight"):
+      config_lib.require_range(config, f"loss.{key}", 0)
+    config_lib.require_range(config, "model.dropout", 0, 1, high_open=True)
+    config_lib.require_range(config, "model.vq_beta", 0)
+    config_lib.require_choice(config, "model.conv_impl", IMPLS)
+    # Every feature map of the encoder and decoder goes through GroupNorm(32).
+    widths = [m.hidden_size] + [m.hidden_size * k for k in m.hidden_size_mult]
+    if any(w % 32 for w in widths):
+      raise config_lib.ConfigError(
+          f"config.model.hidden_size={m.hidden_size} with hidden_size_mult={tuple(m.hidden_size_mult)} gives widths "
+          f"{widths}; GroupNorm(32) needs each to be a multiple of 32.")
     try:
-      model_config(config)
+      cfg = model_config(config)
     except (ValueError, TypeError) as e:
       raise config_lib.ConfigError(f"config.model: {e}") from None
+    if config.data.image_size % cfg.downsample_factor:
+      raise config_lib.ConfigError(
+          f"config.data.image_size={config.data.image_size} must be a multiple of the tokenizer's downsampling factor "
+          f"{cfg.downsample_factor} (config.model.downsample={tuple(m.downsample)}).")
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)

@@ -87,8 +87,15 @@ class ToyTrainer(loop.Trainer):
   def validate(cls, config):
     config_lib.validate_image_data(config)
     bad = [l for l in config.model.levels if l < 2]
-    if bad:
-      raise config_lib.ConfigError(f"config.model.levels={tuple(config.model.levels)}: every level count must be >= 2.")
+    if bad or not config.model.levels:
+      raise config_lib.ConfigError(f"config.model.levels={tuple(config.model.levels)}: every level count must be >= 2 "
+                                   "(at least one channel).")
+    for key in ("width", "mlp_width"):
+      config_lib.require_range(config, f"model.{key}", 1)
+    # Two stride-2 convolutions down, one 4x resize up: other sizes come back at another size.
+    if config.data.image_size % 4:
+      raise config_lib.ConfigError(f"config.data.image_size={config.data.image_size} must be a multiple of 4 for the "
+                                   "toy model (it downsamples 4x).")
 
   def train_data(self, process_index, process_count):
     c = self.config
