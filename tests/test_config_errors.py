@@ -131,6 +131,7 @@ GENERATOR = [
     ("eval.num_samples=1", "config.eval.num_samples=1", ">= 2"),
     ("eval.grid_classes=0", "config.eval.grid_classes=0", ">= 1"),
     ("eval.grid_per_class=0", "config.eval.grid_per_class=0", ">= 1"),
+    ("eval.fid_reference=nowhere.npz", "config.eval.fid_reference='nowhere.npz' does not exist", "or ''"),
 ]
 
 TASK = {

@@ -121,8 +121,8 @@ def plan(grid: grid_lib.Grid, seeds: int, data: str, todo: list[grid_lib.Cell]) 
                  f"{grid_lib.round_flops(steps * flops[key])} | {grid_lib.eval_steps(steps, s.eval_fractions)}")
   est = sum(grid.seconds.get(c.kind, 60.0) for c in todo)
   per_kind = ", ".join(f"{k} {v:.0f} s" for k, v in grid.seconds.items())
-  lines.append(f"estimated time: {writers.format_eta(est)} from measured seconds per cell ({per_kind}) on 2 CPU "
-               "cores; the classifier adds about a minute once.")
+  lines.append(f"estimated time: {writers.format_eta(est)} from the grid's seconds per cell ({per_kind or 'none'}) "
+               "on 2 quiet CPU cores; the classifier adds a few minutes, once per --out.")
   return "\n".join(lines), flops
 
 

@@ -37,6 +37,7 @@ import logging
 import re
 from typing import Any, Protocol
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,11 @@ def validate_generator(config: ml_collections.ConfigDict, depth: int) -> None:
                 "only; train from images or set config.repa.target='none'.")
   config_lib.require_range(config, "eval.num_samples", 2)
   config_lib.require_range(config, "sample.batch_size", 1)
+  reference = config.eval.fid_reference
+  # Read only at the first evaluation, possibly many steps in: a missing file is a config error now.
+  if reference and not shapes_only.active() and not epath.Path(reference).exists():
+    raise error(f"config.eval.fid_reference={reference!r} does not exist; name a reference .npz with mu and sigma "
+                "(as ADM's reference batches hold them), or '' to compare with the validation crops.")
 
 
 def _keyed(group: str, error: ValueError) -> config_lib.ConfigError:

@@ -272,9 +272,9 @@ class _CknnaStream:
     on_mesh = isinstance(tokens, jax.Array) and isinstance(tokens.sharding, jax.sharding.NamedSharding)
     if on_mesh:  # a sampler call's arrays: labels sharded as the tokens (several processes need global arrays)
       labels = parallel.global_array(labels, t.mesh)
+    program = t._cknna_features  # pylint: disable=protected-access
     with parallel.sharding_context(t.mesh, t.config.mesh.rules) if on_mesh else contextlib.nullcontext():
-      pooled, feats = t._cknna_features(self.params, self.target_params, samples["tokens"],  # pylint: disable=protected-access
-                                        labels, samples["images"])
+      pooled, feats = program(self.params, self.target_params, tokens, labels, samples["images"])
     self.pooled.append(parallel.to_host(pooled)[:, :keep])
     self.feats.append(parallel.to_host(feats)[:keep])
     pooled, feats = np.concatenate(self.pooled, axis=1), np.concatenate(self.feats)
