@@ -261,10 +261,13 @@ def _run_config(workdir: str | None) -> dict[str, Any]:
 
 def open_generator(model_dir: str | Resolved, options: dict[str, Any], *, tokenizer: str = "",
                    latent_scale: float = 0.0, group_sizes: Sequence[int] = (), seed: int = 0,
-                   devices: Sequence[Any] | None = None) -> Generator:
-  """The generator of ``model_dir`` (a path: its newest step; or :func:`resolve_model`'s step) and its tokenizer."""
+                   devices: Sequence[Any] | None = None, loaded: tuple[Any, Any] | None = None) -> Generator:
+  """The generator of ``model_dir`` (a path: its newest step; or :func:`resolve_model`'s step) and its tokenizer.
+
+  ``loaded``: its (module, params) when already read (a large checkpoint is read once).
+  """
   resolved = model_dir if isinstance(model_dir, Resolved) else resolve_model(model_dir)
-  module, params = loading.load_model(resolved.load_path)
+  module, params = loaded or loading.load_model(resolved.load_path)
   run = _run_config(resolved.workdir)
   tokenizer = tokenizer or run.get("tokenizer", "")
   if not tokenizer:
@@ -508,8 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="host:port of process 0: start jax.distributed (with --num_processes and --process_id); "
                            "'auto' detects a TPU pod or SLURM job")
   parser.add_argument("--step", type=int, default=None,
-                      help="work dir: the checkpoint step to sample (default: the newest; a resume keeps the step "
-                           "its meta.json records only when given it)")
+                      help="work dir: the checkpoint step to sample (default: the newest; to resume a run after a newer "
+                           "step was saved, the step its meta.json records)")
   parser.add_argument("--max_shards", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--pause_in_commit", type=_floats, default=None, help=argparse.SUPPRESS)  # tests: shard,seconds
   args = parser.parse_args(argv)
@@ -539,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_processes = args.num_processes or 1
     process_id = args.process_id or 0
   try:
-    module, _ = loading.load_model(resolved.load_path)
+    module, params = loading.load_model(resolved.load_path)
   except (FileNotFoundError, ValueError) as e:  # checkpoint errors are ValueErrors
     parser.error(f"--model {args.model}: {e}")
   kind = "dit" if isinstance(module, DiT) else "llamagen"
@@ -559,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--num_classes={num_classes} must be in [1, {module.num_classes}] (the model's classes).")
   try:
     gen = open_generator(resolved, options, tokenizer=args.tokenizer, latent_scale=args.latent_scale,
-                         group_sizes=args.group_sizes, seed=args.seed)
+                         group_sizes=args.group_sizes, seed=args.seed, loaded=(module, params))
     per_call = draw.per_call(args.batch, args.shard_size, gen.mesh)
     image_shape = gen.trace(per_call)  # a sampler option refused only while tracing fails here, not mid-run
   except (FileNotFoundError, ValueError) as e:
