@@ -112,12 +112,12 @@ _TINY = Sizes(tok_width=32, tok_steps=6, tok_batch=8, tok_lr=2e-3, dit_depth=1, 
               clf_width=4)
 
 GRIDS = {
-    # Seconds per cell on a quiet 2-core machine, estimated from the CPU seconds of cells measured on a loaded one
-    # (docs/study.md): the ETA before a kind has finished a cell, and the plan's estimate.
+    # Seconds per cell on 2 quiet CPU cores, the means of the committed runs (docs/study.md): the ETA before a
+    # kind has finished a cell, and the plan's estimate.
     "full": Grid("full", (2, 3, 4, 5, 6), BOUNDS, True, ("dit", "llamagen"), _FULL, 3,
-                 {"tokenizer": 90.0, "dit": 80.0, "llamagen": 75.0}),
+                 {"tokenizer": 81.0, "dit": 67.0, "llamagen": 64.0}),
     "smoke": Grid("smoke", (4,), BOUNDS, False, ("dit", "llamagen"), _SMOKE, 1,
-                  {"tokenizer": 65.0, "dit": 50.0, "llamagen": 50.0}),
+                  {"tokenizer": 60.0, "dit": 46.0, "llamagen": 51.0}),
     # For tests: one tokenizer and its DiT on a few images.
     "tiny": Grid("tiny", (2,), ("ifsq",), False, ("dit",), _TINY, 1),
 }
